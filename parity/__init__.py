@@ -1,0 +1,1 @@
+"""PyTorch reference models and the layer-by-layer parity harness."""
