@@ -1,0 +1,662 @@
+"""Streaming conversion: plan -> validate -> stream bytes into sharded MindSpore safetensors.
+
+* Nothing is written before `Mapping.plan` has validated every key, shape and dtype.
+* Targets whose bytes are a contiguous run of source bytes (renames, concat/split along axis 0, reshape)
+  are copied chunk by chunk without decoding; only other ops (row permutation, transpose, cast) materialise
+  that one tensor.
+* Reading, hashing and writing run in three threads (all release the GIL), so a conversion costs about
+  what `cat` costs; the source files are hashed by a fourth thread that follows the reader through the
+  page cache, so the source is read from disk once.
+* Everything is written into a staging folder `.<out>.msconv-partial` next to the output (each file under a
+  temporary name, then `os.replace`d) and the folder is renamed to `<out>` only when complete: the final
+  name never holds a half-written result. A failed or interrupted run removes its staging folder; a stale
+  one left by a killed run is removed by the next run.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import mmap
+import os
+import queue
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import FormatError, OutputError, UserError
+from .inventory import load_inventory
+from .mapping import Mapping, Node, Plan, evaluate, load_mapping
+from .safetensors_io import TensorInfo, build_header
+from .sources import MemTensor, Source
+from .tensor import DTYPES, POLICY_DTYPES, cast_storage, nbytes
+
+CHUNK = 32 << 20
+NBUF = 4
+INDEX_NAME = "model.safetensors.index.json"
+MANIFEST_NAME = "msconv-manifest.json"
+
+
+_NO_CFR = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.ETXTBSY}
+
+
+def _write(fd: int, data) -> None:
+    """Write `data` to `fd`: a buffer, or `(src_fd, offset, length, buffer)` meaning "these source bytes",
+    copied in the kernel with copy_file_range (what `cat` does) and written from `buffer` where the file
+    system cannot. The one place output bytes go through (tests patch it)."""
+    if isinstance(data, tuple):
+        src_fd, off, n, mv = data
+        done = 0
+        try:
+            while done < n:
+                got = os.copy_file_range(src_fd, fd, n - done, off + done)
+                if got <= 0:
+                    raise OSError(errno.EIO, "copy_file_range returned 0")
+                done += got
+            return
+        except OSError as e:
+            if e.errno not in _NO_CFR or done:
+                raise
+        data = mv
+    mv = data
+    while len(mv):
+        n = os.write(fd, mv)
+        mv = mv[n:]
+
+
+def parse_size(s) -> int:
+    """'5GB', '500MB', '1.5G', 1000 -> bytes (decimal units, like huggingface_hub)."""
+    if isinstance(s, (int, float)):
+        return int(s)
+    t = str(s).strip().upper().replace(" ", "")
+    units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+             "TB": 10**12, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "B": 1}
+    for u, m in units.items():
+        if t.endswith(u):
+            try:
+                return int(float(t[: -len(u)]) * m)
+            except ValueError:
+                break
+    try:
+        return int(t)
+    except ValueError:
+        raise UserError(f"invalid size {s!r} (examples: 5GB, 500MB, 1000000)") from None
+
+
+# -- byte layout of plan nodes ----------------------------------------------------------------------------
+@dataclass
+class Piece:
+    """A run of bytes of one source tensor: (tensor, start within the tensor, length)."""
+
+    t: object  # TensorInfo | MemTensor
+    start: int
+    length: int
+
+
+def byte_pieces(node: Node, src: Source) -> list[Piece] | None:
+    """The node's bytes as runs of source bytes, or None if an op really rearranges data."""
+    if node.is_leaf:
+        t = src.tensors[node.key]
+        return [Piece(t, 0, t.nbytes)]
+    op, name = node.op, node.op.name
+    if name == "reshape":
+        return byte_pieces(node.inputs[0], src)
+    if name in ("concat", "split"):
+        ax = op._axis(len(node.inputs[0].shape), node.ctx)
+        lead = int(np.prod(node.inputs[0].shape[:ax])) if ax else 1
+        if lead != 1:
+            return None
+        if name == "concat":
+            out = []
+            for i in node.inputs:
+                p = byte_pieces(i, src)
+                if p is None:
+                    return None
+                out += p
+            return out
+        whole = byte_pieces(node.inputs[0], src)
+        if whole is None:
+            return None
+        sizes = op.sizes(node.inputs[0].shape, node.ctx)
+        row = nbytes(node.inputs[0].shape[ax + 1:], node.dtype)
+        begin = sum(sizes[: node.index]) * row
+        return _slice_pieces(whole, begin, sizes[node.index] * row)
+    return None
+
+
+def _slice_pieces(pieces: list[Piece], begin: int, length: int) -> list[Piece]:
+    out, pos, end = [], 0, begin + length
+    for p in pieces:
+        a, b = max(begin, pos), min(end, pos + p.length)
+        if a < b:
+            out.append(Piece(p.t, p.start + a - pos, b - a))
+        pos += p.length
+    return out
+
+
+# -- the threaded copy pipeline -------------------------------------------------------------------------
+class _Aborted(Exception):
+    pass
+
+
+class _Pipeline:
+    """Main thread reads; one thread hashes, one writes (both release the GIL). A pool buffer goes back to
+    the pool when both are done with it; `drain` waits for every queued chunk."""
+
+    def __init__(self):
+        self.pool: queue.Queue = queue.Queue()  # NBUF tokens: at most NBUF source windows in flight
+        for i in range(NBUF):
+            self.pool.put(i)
+        self.hq: queue.Queue = queue.Queue()
+        self.wq: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self.digests: dict[str, str] = {}
+        self.cv = threading.Condition()
+        self.outstanding = 0
+        self.fds: dict[str, int] = {}
+        self.th = [threading.Thread(target=self._hasher, daemon=True), threading.Thread(target=self._writer, daemon=True)]
+        for t in self.th:
+            t.start()
+
+    def _done(self, item):
+        with self.cv:
+            item["left"] -= 1
+            if item["left"] == 0:
+                if item.get("window") is not None:
+                    item["window"].close()
+                if item["buf"] is not None:
+                    self.pool.put(item["buf"])
+                self.outstanding -= 1
+                self.cv.notify_all()
+
+    def _fail(self, e):
+        with self.cv:
+            self.error = self.error or e
+            self.cv.notify_all()
+
+    def _hasher(self):
+        h = None
+        while True:
+            item = self.hq.get()
+            if item is None:
+                return
+            try:
+                if "begin" in item:
+                    h = hashlib.sha256()
+                elif "end" in item:
+                    self.digests[item["end"]] = (h or hashlib.sha256()).hexdigest()
+                else:
+                    if self.error is None:
+                        mv = item["mv"]
+                        h.update(mv[3] if isinstance(mv, tuple) else mv)
+                    self._done(item)
+            except BaseException as e:  # pragma: no cover - hashing does not fail
+                self._fail(e)
+
+    def _writer(self):
+        while True:
+            item = self.wq.get()
+            if item is None:
+                return
+            try:
+                if self.error is None:
+                    _write(item["fd"], item["mv"])
+            except BaseException as e:
+                self._fail(e)
+            finally:
+                self._done(item)
+
+    def check(self):
+        if self.error is not None:
+            raise self.error
+
+    def begin(self, key):
+        self.hq.put({"begin": key})
+
+    def end(self, key):
+        self.hq.put({"end": key})
+
+    def push(self, fd: int, mv, buf=None, hash: bool = True, window=None):
+        self.check()
+        item = {"fd": fd, "mv": mv, "buf": buf, "left": 2 if hash else 1, "window": window}
+        with self.cv:
+            self.outstanding += 1
+        if hash:
+            self.hq.put(item)
+        self.wq.put(item)
+
+    def get_buffer(self) -> int:
+        while True:
+            self.check()
+            try:
+                return self.pool.get(timeout=0.2)
+            except queue.Empty:
+                continue
+
+    def drain(self):
+        with self.cv:
+            while self.outstanding and self.error is None:
+                self.cv.wait(0.2)
+        self.check()
+        ev = threading.Event()
+        self.hq.put({"end": "__drain__"})  # the hasher is FIFO: once this is recorded, every digest is
+        while "__drain__" not in self.digests:
+            self.check()
+            ev.wait(0.001)
+        del self.digests["__drain__"]
+
+    def abort(self):
+        """Stop writing (queued chunks are skipped) and wait until the threads hold no chunk, so the output
+        fd can be closed safely."""
+        with self.cv:
+            if self.error is None:
+                self.error = _Aborted()
+            while self.outstanding:
+                self.cv.wait(0.2)
+
+    def source_fd(self, path: str) -> int:
+        fd = self.fds.get(path)
+        if fd is None:
+            fd = self.fds[path] = os.open(path, os.O_RDONLY)
+        return fd
+
+    def close(self):
+        self.hq.put(None)
+        self.wq.put(None)
+        for t in self.th:
+            t.join(timeout=5)
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+class _SourceHasher(threading.Thread):
+    """sha256 of each source file, read sequentially, never ahead of the converter's reads (so the bytes
+    come from the page cache instead of a second pass over the disk)."""
+
+    def __init__(self, files: list[str]):
+        super().__init__(daemon=True)
+        self.files = files
+        self.high = {f: 0 for f in files}
+        self.unbounded = False
+        self.cv = threading.Condition()
+        self.result: dict[str, str] = {}
+        self.error: BaseException | None = None
+        self.stop = False
+
+    def advance(self, path: str, upto: int):
+        with self.cv:
+            if upto > self.high.get(path, 0):
+                self.high[path] = upto
+                self.cv.notify()
+
+    def release(self):
+        with self.cv:
+            self.unbounded = True
+            self.cv.notify()
+
+    def run(self):
+        try:
+            for f in self.files:
+                h = hashlib.sha256()
+                size = os.path.getsize(f)
+                fd = os.open(f, os.O_RDONLY)
+                try:
+                    pos = 0
+                    while pos < size:
+                        if self.stop:
+                            return
+                        want = min(CHUNK, size - pos)
+                        with self.cv:
+                            while not (self.unbounded or self.stop) and pos > 0 and self.high.get(f, 0) < pos + want:
+                                self.cv.wait(0.2)
+                        win = _Window(fd, pos, want)
+                        try:
+                            h.update(win.mv)
+                        finally:
+                            win.close()
+                        pos += want
+                finally:
+                    os.close(fd)
+                self.result[f] = h.hexdigest()
+        except BaseException as e:
+            self.error = e
+
+
+# -- conversion -----------------------------------------------------------------------------------------
+@dataclass
+class Result:
+    out: str
+    files: list[str]
+    tensors: int
+    bytes: int
+    seconds: float
+    manifest: dict = field(default_factory=dict)
+
+    @property
+    def bytes_per_s(self) -> float:
+        return self.bytes / self.seconds if self.seconds > 0 else float("inf")
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    out = {"msconv": __version__}
+    for p in ("mindspore", "torch", "numpy", "safetensors", "pyyaml"):
+        try:
+            out[p] = version(p)
+        except PackageNotFoundError:
+            out[p] = None
+    return out
+
+
+def _file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for b in iter(lambda: f.read(8 << 20), b""):
+            h.update(b)
+    return h.hexdigest()
+
+
+def choose_target_inventory(mapping: Mapping, src_inv: dict, spec="auto") -> tuple[dict | None, str]:
+    """Which target inventory to validate against.
+
+    'auto': the mapping's `target.inventory` when the source is the checkpoint the mapping's source
+    manifest describes (same keys and shapes): inventories hold the real config, so a tiny or otherwise
+    different config is validated structurally only. 'none': no inventory. Anything else: a JSON path.
+    """
+    if spec in (None, "none"):
+        return None, "none"
+    if spec != "auto":
+        return load_inventory(spec), os.fspath(spec)
+    tinv = mapping.target_inventory()
+    if tinv is None:
+        return None, "none (the mapping has no target inventory file)"
+    man = mapping.source_manifest()
+    if man is not None and {k: tuple(s) for k, (s, _) in man.items()} == {k: tuple(s) for k, (s, _) in src_inv.items()}:
+        return tinv, f"{mapping.name} target inventory"
+    return None, "none (the source is not the mapping's manifest config; checked structurally)"
+
+
+def plan_checkpoint(src_path, mapping, target_inventory="auto"):
+    m = mapping if isinstance(mapping, Mapping) else load_mapping(mapping)
+    src = Source(src_path)
+    inv = src.inventory()
+    tinv, tdesc = choose_target_inventory(m, inv, target_inventory)
+    plan = m.plan(inv, tinv, where=os.fspath(src_path))
+    return m, src, plan, tdesc
+
+
+def _order_and_shard(plan: Plan, src: Source, dtypes: dict, shard_size: int) -> list[list[str]]:
+    """Targets in source-file order (so reading is sequential), cut into shards of at most shard_size."""
+    file_idx = {f: i for i, f in enumerate(src.files)}
+
+    def pos(k):
+        leaves = plan.targets[k].leaves()
+        best = None
+        for lk in leaves:
+            t = src.tensors[lk]
+            p = (file_idx.get(getattr(t, "path", ""), 0), getattr(t, "offset", 0))
+            best = p if best is None or p < best else best
+        return best or (0, 0)
+
+    keys = sorted(plan.targets, key=pos)
+    shards, cur, size = [], [], 0
+    for k in keys:
+        n = nbytes(plan.targets[k].shape, dtypes[k])
+        if cur and size + n > shard_size:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(k)
+        size += n
+    if cur or not shards:
+        shards.append(cur)
+    return shards
+
+
+def _staging_for(out: Path) -> Path:
+    return out.parent / f".{out.name}.msconv-partial"
+
+
+def convert_checkpoint(src_path, mapping, out_dir, *, dtype: str = "keep", fmt: str = "safetensors",
+                       shard_size="5GB", overwrite: bool = False, target_inventory="auto", hash_source: bool = True,
+                       progress=None) -> Result:
+    """Convert `src_path` with `mapping` into `out_dir` (see the module docstring for the guarantees)."""
+    t0 = time.perf_counter()
+    if dtype not in POLICY_DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(POLICY_DTYPES)}, got {dtype!r}")
+    if fmt not in ("safetensors", "ckpt"):
+        raise UserError(f"--format must be safetensors or ckpt, got {fmt!r}")
+    shard_bytes = parse_size(shard_size)
+    if shard_bytes <= 0:
+        raise UserError(f"--shard-size must be positive, got {shard_size!r}")
+    m, src, plan, tdesc = plan_checkpoint(src_path, mapping, target_inventory)
+
+    out = Path(out_dir).resolve()
+    if out.exists() and not overwrite:
+        raise OutputError(f"{out}: output folder exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+        raise OutputError(f"{out}: refusing to replace a folder that is not an msconv output (no {MANIFEST_NAME}); "
+                          "remove it or choose another --out")
+    want = POLICY_DTYPES[dtype]
+    dtypes = {k: (want if want and DTYPES[n.dtype][3] == "float" else n.dtype) for k, n in plan.targets.items()}
+    shards = _order_and_shard(plan, src, dtypes, shard_bytes)
+    total = sum(nbytes(plan.targets[k].shape, dtypes[k]) for k in plan.targets)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = _staging_for(out)
+    lockf = out.parent / f".{out.name}.msconv-lock"
+    lock_fd = os.open(lockf, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise OutputError(f"{out}: another msconv convert is writing this output folder") from None
+        if staging.exists():  # left by a killed run: we hold the lock, so nobody is using it
+            shutil.rmtree(staging)
+        free = shutil.disk_usage(out.parent).free
+        if free < total:
+            raise OutputError(f"{out.parent}: not enough disk space: the output needs {total / 1e9:.2f} GB, {free / 1e9:.2f} GB free")
+        staging.mkdir()
+        try:
+            result = _write_all(m, src, plan, dtypes, shards, staging, total, progress, hash_source)
+            manifest = {
+                "msconv_manifest": 1,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "mapping": {"name": m.name, "version": m.version, "path": m.path,
+                            "sha256": _file_sha256(m.path) if m.path and os.path.isfile(m.path) else None},
+                "source": {"path": os.fspath(src_path), "files": result["sources"]},
+                "target_inventory": tdesc,
+                "dtype_policy": dtype,
+                "format": fmt,
+                "versions": _versions(),
+                "shards": result["shards"],
+                "total_size": total,
+                "dropped": plan.dropped,
+                "tensors": result["tensors"],
+            }
+            _atomic_json(staging / MANIFEST_NAME, manifest)
+            if fmt == "ckpt":
+                from .ckpt import write_ckpt
+
+                write_ckpt([staging / s["file"] for s in result["shards"]], staging / "model.ckpt")
+            _publish(staging, out, overwrite)
+        except OSError as e:
+            shutil.rmtree(staging, ignore_errors=True)
+            if e.errno == errno.ENOSPC:
+                raise OutputError(f"{out}: disk full while writing ({e.filename or 'output'}); nothing was left under the output name") from None
+            raise OutputError(f"{out}: cannot write output: {e.strerror or e}; nothing was left under the output name") from None
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    finally:
+        os.close(lock_fd)
+        try:
+            os.unlink(lockf)
+        except OSError:
+            pass
+    files = sorted(str(p) for p in out.iterdir())
+    return Result(str(out), files, len(plan.targets), total, time.perf_counter() - t0, manifest)
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _publish(staging: Path, out: Path, overwrite: bool) -> None:
+    old = None
+    if out.exists():
+        if not overwrite:  # appeared meanwhile
+            raise OutputError(f"{out}: output folder exists; pass --overwrite to replace it")
+        old = out.parent / f".{out.name}.msconv-old"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out, old)
+    os.replace(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_all(m: Mapping, src: Source, plan: Plan, dtypes: dict, shards: list[list[str]], staging: Path,
+               total: int, progress, hash_source: bool) -> dict:
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    hasher = _SourceHasher(list(src.files)) if hash_source else None
+    if hasher:
+        if any(isinstance(t, MemTensor) for t in src.tensors.values()):
+            hasher.release()  # torch sources are mmapped by torch: nothing to follow
+        hasher.start()
+    pipe = _Pipeline()
+    done = 0
+    tensors_out = []
+    shard_info = []
+    weight_map = {}
+    meta = {"format": "ms", "msconv_mapping": m.name}
+    try:
+        for name, keys in zip(names, shards):
+            header, _ = build_header([(k, dtypes[k], plan.targets[k].shape) for k in keys], meta)
+            tmp = staging / (name + ".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                pipe.push(fd, memoryview(header), hash=False)
+                for k in keys:
+                    node = plan.targets[k]
+                    pipe.begin(k)
+                    pieces = byte_pieces(node, src) if dtypes[k] == node.dtype else None
+                    if pieces is not None:
+                        for p in pieces:
+                            done = _copy_piece(pipe, fd, p, done, total, progress, hasher)
+                    else:
+                        arr = _materialize(node, src, dtypes[k], k, hasher)
+                        flat = memoryview(np.require(arr, requirements="C").reshape(-1).view(np.uint8))
+                        for i in range(0, len(flat), CHUNK):
+                            pipe.push(fd, flat[i:i + CHUNK])
+                            done += min(CHUNK, len(flat) - i)
+                            if progress:
+                                progress(done, total)
+                        del arr, flat
+                    pipe.end(k)
+                    weight_map[k] = name
+                pipe.drain()
+            except BaseException:
+                pipe.abort()
+                raise
+            finally:
+                os.close(fd)
+            os.replace(tmp, staging / name)
+            shard_info.append({"file": name, "size": (staging / name).stat().st_size, "tensors": len(keys)})
+        for name, keys in zip(names, shards):
+            for k in keys:
+                tensors_out.append({"key": k, "shape": list(plan.targets[k].shape), "dtype": dtypes[k], "file": name,
+                                    "sha256": pipe.digests[k]})
+        _atomic_json(staging / INDEX_NAME, {"metadata": {"total_size": total, "format": "ms", "msconv_mapping": m.name},
+                                            "weight_map": dict(sorted(weight_map.items()))})
+        sources = []
+        if hasher:
+            hasher.release()
+            hasher.join()
+            if hasher.error:
+                raise hasher.error
+        for f in src.files:
+            sources.append({"path": f, "size": os.path.getsize(f), "sha256": hasher.result.get(f) if hasher else None})
+        return {"shards": shard_info, "tensors": tensors_out, "sources": sources}
+    finally:
+        pipe.close()
+        if hasher:
+            hasher.stop = True
+            hasher.release()
+
+
+def _copy_piece(pipe: _Pipeline, fd: int, p: Piece, done: int, total: int, progress, hasher) -> int:
+    t = p.t
+    if isinstance(t, MemTensor):
+        mv = memoryview(np.require(t.array, requirements="C").reshape(-1).view(np.uint8))[p.start:p.start + p.length]
+        for i in range(0, len(mv), CHUNK):
+            pipe.push(fd, mv[i:i + CHUNK])
+            done += min(CHUNK, len(mv) - i)
+            if progress:
+                progress(done, total)
+        return done
+    fdin = pipe.source_fd(t.path)
+    pos, end = t.offset + p.start, t.offset + p.start + p.length
+    while pos < end:
+        token = pipe.get_buffer()
+        want = min(CHUNK, end - pos)
+        win = _Window(fdin, pos, want)  # hashed straight from the page cache, copied in the kernel
+        if hasher:
+            hasher.advance(t.path, pos + want)
+        pipe.push(fd, (fdin, pos, want, win.mv), token, window=win)
+        pos += want
+        done += want
+        if progress:
+            progress(done, total)
+    return done
+
+
+class _Window:
+    """A read-only mmap of file bytes [pos, pos + n), populated at once (MAP_POPULATE) and unmapped as soon as
+    it has been hashed and copied: no user-space copy, RSS bounded by the windows in flight."""
+
+    def __init__(self, fd: int, pos: int, n: int):
+        base = pos - pos % mmap.ALLOCATIONGRANULARITY
+        self.delta = pos - base
+        if n == 0:
+            self.mm, self.mv = None, memoryview(b"")
+            return
+        if os.fstat(fd).st_size < pos + n:  # mapping past EOF would SIGBUS on access
+            raise FormatError(f"source file shrank during conversion (needs {pos + n} bytes)")
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        self.mm = mmap.mmap(fd, self.delta + n, flags=flags, prot=mmap.PROT_READ, offset=base)
+        self.mv = memoryview(self.mm)[self.delta:self.delta + n]
+
+    def close(self):
+        if self.mm is not None:
+            self.mv.release()
+            self.mm.close()
+            self.mm = None
+
+
+def _materialize(node: Node, src: Source, dtype: str, key: str, hasher) -> np.ndarray:
+    def leaf(k):
+        t = src.tensors[k]
+        if isinstance(t, TensorInfo) and hasher:
+            hasher.advance(t.path, t.offset + t.nbytes)
+        return src.storage(k)
+
+    arr = evaluate(node, leaf, {})
+    if dtype != node.dtype:
+        arr = cast_storage(arr, node.dtype, dtype, key)
+    return arr
