@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from parity.capture import ROOT, compile_pattern
+from parity.capture import compile_pattern
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_]\w*)\}")
 
@@ -137,29 +137,25 @@ def split_hook_name(name: str, module_paths: set[str] | None) -> tuple[str, str]
 
 
 # ---------------------------------------------------------------------------------------------- ops (activations)
-_NP_TO_ST = {"float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32", "bool": "BOOL"}
-
-
 def apply_ops(x: np.ndarray, ops: list, vars: dict[str, int], where: str = "align") -> np.ndarray:
     """Apply the mapping's op vocabulary (converter.ops: transpose, reshape, permute_rows with `axis`, cast) to
-    an activation on the torch side. `concat` is the entry's own key; `split` cannot build one tensor."""
-    from converter.ops import Ctx, parse_op
+    an activation on the torch side. `concat` is the entry's own key; `split` cannot build one tensor.
 
+    The array travels as the converter's storage array and dtype name (`converter.tensor.as_storage`, bf16 as
+    raw bits): a dtype safetensors has no name for raises TypeError instead of being taken for float32."""
+    from converter.ops import Ctx, parse_op
+    from converter.tensor import as_storage, from_storage
+
+    if not ops:
+        return x
     ctx = Ctx(vars, None, 1, where)
-    for spec in ops or []:
+    storage, dt = as_storage(x)
+    for spec in ops:
         op = parse_op(spec, where)
         if op.name in ("concat", "split"):
             raise ValueError(f"{where}: op {op.name} is not allowed in align ops (use the entry's `concat:`)")
-        (x,) = op.apply([x], [_NP_TO_ST.get(str(x.dtype), "F32")], ctx)
-    return x
-
-
-def resolve_vars(spec: dict | None, weight_shapes: dict[str, tuple]) -> dict[str, int]:
-    """Mapping `vars:` (`{name: {source: key, target: key, dim: d}}` or ints) read off the case weights."""
-    out = {}
-    for name, v in (spec or {}).items():
-        if isinstance(v, (int, float)):
-            out[name] = int(v)
-        elif isinstance(v, dict) and v.get("source") in weight_shapes:
-            out[name] = int(weight_shapes[v["source"]][int(v.get("dim", 0))])
-    return out
+        _, (dt_out,) = op.infer([storage.shape], [dt], ctx)
+        (storage,) = op.apply([storage], [dt], ctx)
+        dt = dt_out
+    out = from_storage(storage, dt, like=x)
+    return out.to_float32() if hasattr(out, "to_float32") else out

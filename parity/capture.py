@@ -222,6 +222,10 @@ class Sink:
     def close(self) -> Path:
         return self.writer.close()
 
+    def abort(self) -> None:
+        """Drop the capture (no temporary left behind, no file under the final name)."""
+        self.writer.abort()
+
     def reader(self) -> SafetensorsReader:
         self.close()
         return SafetensorsReader(self.path)
@@ -308,11 +312,14 @@ class TeacherRecorder:
                 self._handles.append(self.fw.pre_hook(m, self._pre(path)))
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self.writer.close()
+        if exc_type is None:
+            self.writer.close()
+        else:
+            self.writer.abort()
 
     def inputs(self) -> "TeacherInputs":
         return TeacherInputs(SafetensorsReader(self.path), self.calls, self.order)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from converter.errors import UserError
 from parity.tensorio import SafetensorsReader, read_header
 
 # Upstream config vocabulary (DESIGN.md); new kinds add a name here.
@@ -27,8 +28,15 @@ SUFFIXES = ("config.json", "weights.safetensors", "inputs.safetensors", "outputs
             "hooks.safetensors", "hooks_aliases.json")
 
 
-class CaseError(Exception):
-    """A case path or file is missing or malformed (user error)."""
+class CaseError(UserError):
+    """A case path or file is missing or malformed (user error, CLI exit 2)."""
+
+
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CaseError(f"{path}: {what} is not valid JSON ({e})") from e
 
 
 def case_prefix(path: str | os.PathLike) -> Path:
@@ -65,9 +73,14 @@ class Case:
             f = prefix.with_name(f"{prefix.name}.{kind}.safetensors")
             if not f.is_file():
                 raise CaseError(f"{f}: case file missing")
-        config = json.loads(cfg_path.read_text())
+        config = _read_json(cfg_path, "the case config")
+        if not isinstance(config, dict):
+            raise CaseError(f"{cfg_path}: the case config must be a JSON object ({{\"<ConfigName>\": {{...}}, ...}}), "
+                            f"got {type(config).__name__}")
         alias_path = prefix.with_name(prefix.name + ".hooks_aliases.json")
-        aliases = json.loads(alias_path.read_text()) if alias_path.is_file() else {}
+        aliases = _read_json(alias_path, "the hook aliases") if alias_path.is_file() else {}
+        if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
+            raise CaseError(f"{alias_path}: hook aliases must be a JSON object of alias -> stored hook name")
         return cls(prefix=prefix, config=config, aliases=aliases)
 
     # ---- names and files
@@ -91,7 +104,12 @@ class Case:
 
     @property
     def model_cfg(self) -> dict:
-        return self.config[self.config_name]
+        name = self.config_name
+        cfg = self.config[name]
+        if not isinstance(cfg, dict):
+            raise CaseError(f"{self.file('config')}: key {name!r} must hold the config fields (a JSON object), "
+                            f"got {type(cfg).__name__}")
+        return cfg
 
     # ---- tensors (lazy)
     def weights_reader(self) -> SafetensorsReader:

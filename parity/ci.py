@@ -2,7 +2,10 @@
 `<report>/<case>/<framework>-<mode>/`, one summary line per case, `<report>/summary.{json,md}`.
 
 A case no adapter covers (or a framework whose port/mapping is not there yet) is listed as "not covered" and does
-not fail the suite; an error or a failing verdict in a covered run does (exit 1).
+not fail the suite; an error or a failing verdict in a covered run does (exit 1). "Not covered" is decided only by
+`parity.adapters.NotCovered` / `parity.engine.NotCoveredError` (no adapter, the port cannot be imported) or an
+absent mapping file; any other error of a covered run (a broken mapping, a malformed case, a crash) is a failure.
+A cases folder with no case, or `only` naming a case that is not there, is a user error (SuiteError, exit 2).
 """
 
 from __future__ import annotations
@@ -13,8 +16,17 @@ import time
 import traceback
 from pathlib import Path
 
+from converter.errors import UserError
 from parity import adapters as _adapters
-from parity.case import Case, list_cases
+from parity.case import Case, CaseError, list_cases
+from parity.tensorio import atomic_write_text
+
+# ../shared/upstream/tiny beside the checkout, whatever the current directory
+DEFAULT_CASES = Path(__file__).resolve().parents[1].parent / "shared" / "upstream" / "tiny"
+
+
+class SuiteError(UserError):
+    """Nothing to run: the cases folder is missing or empty, or `only` names a case it does not hold (exit 2)."""
 
 
 def _coverage(case: Case, framework: str) -> str | None:
@@ -29,11 +41,13 @@ def _coverage(case: Case, framework: str) -> str | None:
 
             importlib.import_module("converter.mapping")
             importlib.import_module("opensora_ms.loading")
-            from converter.mapping import load_mapping
+            from converter.mapping import find_mapping
 
-            load_mapping(adapter.mapping_name(case.model_cfg))
-        except Exception as e:   # port, mapping or loader not there yet
+            find_mapping(adapter.mapping_name(case.model_cfg))
+        except ImportError as e:   # port or loader not there yet
             return f"MindSpore port not available ({type(e).__name__}: {e})"
+        except UserError as e:     # no mapping file yet (a mapping that is there but broken fails the run instead)
+            return f"MindSpore port not available (no mapping: {e})"
     return None
 
 
@@ -51,16 +65,34 @@ def _cell(rep: dict | None, status: str) -> str:
 
 def run_suite(cases_dir, report_root, frameworks=("torch", "mindspore"), modes=("free", "teacher"),
               only=None, echo=print) -> int:
-    from parity.engine import ReplayError, ReplayOptions, replay
+    from parity.engine import NotCoveredError, ReplayOptions, replay
 
+    cases_dir = Path(cases_dir)
+    if not cases_dir.is_dir():
+        raise SuiteError(f"{cases_dir}: no such cases folder (resolved: {cases_dir.resolve()})")
+    prefixes = list_cases(cases_dir)
+    if not prefixes:
+        raise SuiteError(f"{cases_dir}: no case in this folder (a case is <name>.config.json + its safetensors files)")
+    if only:
+        unknown = sorted(set(only) - {p.name for p in prefixes})
+        if unknown:
+            raise SuiteError(f"--only {', '.join(unknown)}: no such case in {cases_dir} "
+                             f"(cases: {', '.join(p.name for p in prefixes)})")
+        prefixes = [p for p in prefixes if p.name in only]
     report_root = Path(report_root)
     report_root.mkdir(parents=True, exist_ok=True)
     summary = []
     rc = 0
-    for prefix in list_cases(cases_dir):
-        if only and prefix.name not in only:
+    for prefix in prefixes:
+        try:
+            case = Case.open(prefix)
+            case.config_name
+        except CaseError as e:   # a malformed case fails the suite; the others still run
+            rc = 1
+            line = f"{prefix.name:<20} ERROR {e}"
+            echo(line)
+            summary.append({"case": prefix.name, "runs": [], "status": f"ERROR {e}", "line": line})
             continue
-        case = Case.open(prefix)
         parts, entry = [], {"case": case.name, "runs": []}
         for fw in frameworks:
             why = _coverage(case, fw)
@@ -75,12 +107,12 @@ def run_suite(cases_dir, report_root, frameworks=("torch", "mindspore"), modes=(
                 try:
                     rep = replay(prefix, ReplayOptions(framework=fw, mode=mode, report_dir=rdir))
                     status = rep["verdict"]
-                except ReplayError as e:
+                except NotCoveredError as e:   # no adapter / the port cannot be imported: only these
                     rep, status = None, f"not covered ({e})"
-                except Exception as e:   # a crash in a covered run is a failure, with its traceback kept
+                except Exception as e:   # any other error of a covered run is a failure, with its traceback kept
                     rep, status = None, f"ERROR {type(e).__name__}: {e}"
                     rdir.mkdir(parents=True, exist_ok=True)
-                    (rdir / "error.txt").write_text(traceback.format_exc())
+                    atomic_write_text(rdir / "error.txt", traceback.format_exc())
                 if rep is not None and rep["verdict"] != "pass" or status.startswith("ERROR"):
                     rc = 1
                 cells.append(f"{mode} {_cell(rep, status)}")
@@ -97,10 +129,10 @@ def run_suite(cases_dir, report_root, frameworks=("torch", "mindspore"), modes=(
         entry["line"] = line
         summary.append(entry)
         sys.stdout.flush()
-    (report_root / "summary.json").write_text(json.dumps(summary, indent=1))
+    atomic_write_text(report_root / "summary.json", json.dumps(summary, indent=1))
     md = ["# Parity suite", "", "| case | result |", "|---|---|"]
     md += [f"| `{e['case']}` | {e['line'].split(' ', 1)[1].strip().replace(' | ', '; ')} |" for e in summary]
-    (report_root / "summary.md").write_text("\n".join(md) + "\n")
+    atomic_write_text(report_root / "summary.md", "\n".join(md) + "\n")
     return rc
 
 
@@ -108,7 +140,11 @@ if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("cases", nargs="?", default="../shared/upstream/tiny")
+    ap.add_argument("cases", nargs="?", default=str(DEFAULT_CASES))
     ap.add_argument("--report", default="reports/parity")
     a = ap.parse_args()
-    sys.exit(run_suite(a.cases, a.report))
+    try:
+        sys.exit(run_suite(a.cases, a.report))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

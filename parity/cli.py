@@ -1,6 +1,8 @@
 """`msconv parity ...` (cli.py mounts `app`; also runnable as `python -m parity.cli`).
 
-Exit codes: 0 = pass, 1 = parity failure, 2 = user error (bad case/option, model not covered).
+Exit codes: 0 = pass, 1 = parity failure, 2 = user error (bad case/option, model not covered): every
+`converter.errors.UserError` (ReplayError, CaseError, MappingError, LoadError, FormatError, ...) is printed as one
+`error: ...` line.
 """
 
 from __future__ import annotations
@@ -22,13 +24,27 @@ def _perturb(items: list[str] | None) -> dict[str, float]:
         if "=" not in it:
             raise typer.BadParameter(f"--perturb wants NAME=SCALE, got {it!r}")
         k, v = it.rsplit("=", 1)
-        out[k] = float(v)
+        if not k:
+            raise typer.BadParameter(f"--perturb wants NAME=SCALE, got {it!r} (no weight name)")
+        try:
+            out[k] = float(v)
+        except ValueError:
+            raise typer.BadParameter(f"--perturb {it!r}: SCALE must be a number (w <- w * (1 + SCALE)), got {v!r}") from None
     return out
 
 
 def _fail_user(msg: str) -> None:
     typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(2)
+
+
+def _user_errors():
+    """The exception types that are the user's to fix (exit 2, one line)."""
+    from converter.errors import UserError
+
+    from parity.adapters import NotCovered
+
+    return (UserError, NotCovered)   # UserError covers MappingError, LoadError, FormatError, ReplayError, CaseError
 
 
 @app.command()
@@ -50,8 +66,7 @@ def replay(
     perturb: Optional[List[str]] = typer.Option(None, help="fault injection: NAME=SCALE multiplies a candidate weight by 1+SCALE"),
 ):
     """Replay a case on a framework and compare every output and aligned layer with the case."""
-    from parity.case import CaseError
-    from parity.engine import ReplayError, ReplayOptions
+    from parity.engine import ReplayOptions
     from parity.engine import replay as do_replay
     from parity.report import summary_line
 
@@ -61,7 +76,7 @@ def replay(
                          perturb=_perturb(perturb))
     try:
         rep = do_replay(case, opts)
-    except (ReplayError, CaseError) as e:
+    except _user_errors() as e:
         _fail_user(str(e))
     typer.echo(summary_line(rep))
     if report:
@@ -80,13 +95,11 @@ def dump(
     hooks: bool = typer.Option(True, help="also write <name>.hooks.safetensors (+ aliases)"),
 ):
     """Write a case from the project's torch reference (the torch side of split mode)."""
-    from parity.adapters import NotCovered
-    from parity.engine import ReplayError
     from parity.engine import dump as do_dump
 
     try:
         prefix = do_dump(model, config, out, weights=weights, seed=seed, inputs=inputs, hooks=hooks)
-    except (ReplayError, NotCovered) as e:
+    except _user_errors() as e:
         _fail_user(str(e))
     typer.echo(f"case written: {prefix}.*")
 
@@ -104,8 +117,7 @@ def run(
     seed: int = typer.Option(0),
 ):
     """Dump (torch process) + replay (this process) in one command."""
-    from parity.case import CaseError
-    from parity.engine import ReplayError, ReplayOptions, dump_subprocess
+    from parity.engine import ReplayOptions, dump_subprocess
     from parity.engine import replay as do_replay
     from parity.report import summary_line
 
@@ -126,7 +138,7 @@ def run(
             typer.echo(summary_line(rep))
             typer.echo(f"report: {rdir}/report.md")
             worst = max(worst, 0 if rep["verdict"] == "pass" else 1)
-    except (ReplayError, CaseError) as e:
+    except _user_errors() as e:
         _fail_user(str(e))
     finally:
         if tmp:
@@ -136,16 +148,21 @@ def run(
 
 @app.command()
 def suite(
-    cases: Path = typer.Argument(Path("../shared/upstream/tiny"), help="directory of cases"),
+    cases: Optional[Path] = typer.Argument(None, help="directory of cases (default: ../shared/upstream/tiny beside "
+                                                     "the checkout, whatever the current directory)"),
     report: Path = typer.Option(Path("reports/parity"), help="reports go to REPORT/<case>/<framework>-<mode>/"),
     frameworks: str = typer.Option("torch,mindspore", help="comma-separated"),
     modes: str = typer.Option("free,teacher", help="comma-separated"),
     only: Optional[List[str]] = typer.Option(None, help="only these case names (repeat)"),
 ):
     """Replay every covered case; one summary line per case; exit 1 if any covered run fails."""
-    from parity.ci import run_suite
+    from parity.ci import DEFAULT_CASES, run_suite
 
-    rc = run_suite(cases, report, frameworks.split(","), modes.split(","), only=only or None)
+    try:
+        rc = run_suite(cases or DEFAULT_CASES, report, [f for f in frameworks.split(",") if f],
+                       [m for m in modes.split(",") if m], only=only or None)
+    except _user_errors() as e:
+        _fail_user(str(e))
     raise typer.Exit(rc)
 
 

@@ -19,6 +19,7 @@ Replay (`replay()`):
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 import subprocess
@@ -29,21 +30,26 @@ from pathlib import Path
 
 import numpy as np
 
+from converter.errors import UserError
 from parity import adapters as _adapters
-from parity.align import Aligner, resolve_vars, split_hook_name
+from parity.align import Aligner, split_hook_name
 from parity.capture import ROOT, Capture, ModuleFilter, Sink, TeacherForcer, TeacherRecorder
 from parity.case import Case, HookStore
 from parity.metrics import ORACLE_DTYPES, Thresholds, compare_arrays, oracle_ratio, verdict
 from parity.report import environment, write_reports
-from parity.tensorio import SafetensorsReader, SafetensorsWriter, save_dict
+from parity.tensorio import SafetensorsReader, SafetensorsWriter, atomic_write_text, save_dict
 
 FRAMEWORKS = ("torch", "mindspore")
 MODES = ("free", "teacher")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
-class ReplayError(Exception):
-    """The replay could not run (user-facing: missing adapter/port, bad option)."""
+class ReplayError(UserError):
+    """The replay could not run (user-facing: missing adapter/port, bad option; CLI exit 2)."""
+
+
+class NotCoveredError(ReplayError):
+    """No adapter covers the case's config, or the MindSpore port cannot be imported (the suite's "not covered")."""
 
 
 @dataclass
@@ -88,14 +94,25 @@ def _torch_dtype(name: str):
     return getattr(torch, name)
 
 
-def build_torch_loaded(adapter, cfg: dict, weights: dict[str, np.ndarray], dtype: str = "float32"):
+def build_torch_loaded(adapter, cfg: dict, weights: dict[str, np.ndarray], dtype: str = "float32",
+                       where: str | None = None):
     """The project's torch reference with the case weights loaded strictly (upstream names)."""
     import torch
 
     model = adapter.build_torch(cfg, dtype=_torch_dtype(dtype))
     state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()}
-    missing, unexpected = model.load_state_dict(state, strict=True)  # raises on any difference
+    _load_state_strict(model, state, where or "the case weights")
     return model.eval()
+
+
+def _load_state_strict(model, state: dict, where: str) -> None:
+    """`load_state_dict(strict=True)`; a mismatch is the user's (wrong weights for the config): ReplayError."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        msg = " ".join(str(e).split())
+        raise ReplayError(f"{where}: weights do not fit the {type(model).__name__} config: "
+                          f"{msg[:600]}{' ...' if len(msg) > 600 else ''}") from e
 
 
 def build_ms_loaded(adapter, cfg: dict, weights: dict[str, np.ndarray]):
@@ -106,11 +123,6 @@ def build_ms_loaded(adapter, cfg: dict, weights: dict[str, np.ndarray]):
     net = adapter.build_ms(cfg)
     load_strict(net, mapping.convert(weights))
     return net, mapping
-
-
-def _mapping_vars(mapping) -> dict:
-    scope = getattr(mapping, "scope", None)
-    return dict(getattr(scope, "vars", None) or {})
 
 
 def perturb_weights(weights: dict[str, np.ndarray], perturb: dict[str, float]) -> dict[str, np.ndarray]:
@@ -138,7 +150,7 @@ class RunResult:
 
 def _run_torch(adapter, case: Case, weights, inputs, dtype: str, work: Path, tag: str, filt: ModuleFilter,
                hooks: bool, teacher=None, teacher_dtype: str | None = None) -> RunResult:
-    model = build_torch_loaded(adapter, case.model_cfg, weights, dtype)
+    model = build_torch_loaded(adapter, case.model_cfg, weights, dtype, where=str(case.file("weights")))
     return _run(model, lambda: adapter.run_torch(model, inputs, case.config), work, tag, filt, hooks, teacher,
                 teacher_dtype=teacher_dtype)
 
@@ -147,12 +159,17 @@ def _run(model, call, work: Path, tag: str, filt: ModuleFilter, hooks: bool, tea
          path_map=None, teacher_dtype: str | None = None) -> RunResult:
     sink = Sink(work / f"{tag}.hooks.safetensors") if hooks else None
     forcer = TeacherForcer(model, teacher, path_map=path_map, adapt=adapt, dtype=teacher_dtype) if teacher else None
-    with contextlib.ExitStack() as stack:
-        if forcer:
-            stack.enter_context(forcer)
+    try:
+        with contextlib.ExitStack() as stack:
+            if forcer:
+                stack.enter_context(forcer)
+            if sink:
+                stack.enter_context(Capture(model, sink, filt))
+            outputs = call()
+    except BaseException:
         if sink:
-            stack.enter_context(Capture(model, sink, filt))
-        outputs = call()
+            sink.abort()
+        raise
     reader = sink.reader() if sink else None
     outputs = {k: np.asarray(v) for k, v in outputs.items()}
     paths = None
@@ -163,7 +180,7 @@ def _run(model, call, work: Path, tag: str, filt: ModuleFilter, hooks: bool, tea
 
 
 def record_teacher_inputs(adapter, case: Case, weights, inputs, dtype: str, work: Path):
-    model = build_torch_loaded(adapter, case.model_cfg, weights, dtype)
+    model = build_torch_loaded(adapter, case.model_cfg, weights, dtype, where=str(case.file("weights")))
     rec = TeacherRecorder(model, adapter.TEACHER_BLOCKS, work / "teacher_inputs.safetensors")
     with rec:
         adapter.run_torch(model, inputs, case.config)
@@ -206,7 +223,7 @@ def replay(case_path, opts: ReplayOptions | None = None, **kw) -> dict:
     try:
         adapter = _adapters.for_config(case.config_name)
     except _adapters.NotCovered as e:
-        raise ReplayError(f"{case.name}: not covered: {e}") from e
+        raise NotCoveredError(f"{case.name}: not covered: {e}") from e
     cfg = case.model_cfg
     inputs = case.inputs()
     weights = case.weights_numpy()
@@ -235,9 +252,10 @@ def replay(case_path, opts: ReplayOptions | None = None, **kw) -> dict:
             try:
                 net, mapping = build_ms_loaded(adapter, cfg, cand_weights)
             except ImportError as e:
-                raise ReplayError(f"{case.name}: the MindSpore port is not available: {e}") from e
-            aligner = Aligner(getattr(mapping, "align", None) or [],
-                              resolve_vars(_mapping_vars(mapping), case.weight_shapes()))
+                raise NotCoveredError(f"{case.name}: the MindSpore port is not available: {e}") from e
+            # the mapping's vars (its own and its includes', as planning reads them) off the case's weight shapes;
+            # one that cannot be read is a MappingError naming it
+            aligner = Aligner(getattr(mapping, "align", None) or [], mapping.resolve_vars(case.weight_shapes()))
             case_cfg = dict(case.config, jit=True) if opts.jit else case.config
             adapt = getattr(adapter, "teacher_adapt", None)
             cand = _run(net, lambda: adapter.run_ms(net, inputs, case_cfg), work, "candidate", filt, opts.hooks,
@@ -276,6 +294,16 @@ def replay(case_path, opts: ReplayOptions | None = None, **kw) -> dict:
     if opts.report_dir:
         write_reports(rep, opts.report_dir)
     return rep
+
+
+def optional_outputs(adapter, framework: str) -> list[str]:
+    """The adapter's `OPTIONAL_OUTPUTS` for this framework: a list of globs, or a {framework: globs} dict."""
+    spec = getattr(adapter, "OPTIONAL_OUTPUTS", ()) or ()
+    if isinstance(spec, dict):
+        spec = spec.get(framework, ())
+    if isinstance(spec, str):
+        spec = [spec]
+    return list(spec)
 
 
 def _compare(case, opts, th, aligner, cand: RunResult, ref: HookStore, ref_outputs, ref_hook_names, same_store,
@@ -330,8 +358,12 @@ def _compare(case, opts, th, aligner, cand: RunResult, ref: HookStore, ref_outpu
                 s = aligner.expected(rec.module, rec.suffix, same_store.__contains__, same_store.get)
                 same_exp = s.array
             judge(rec.name, "hook", cand.hooks.get(rec.name), exp.array, exp.torch_names, same_exp)
-    # outputs
-    missing_outputs = [k for k in ref_outputs.keys() if k not in cand.outputs]
+    # outputs: every case output the candidate does not produce fails the verdict, unless the adapter declares it
+    # optional (`OPTIONAL_OUTPUTS`: globs, or {framework: globs}, for outputs a framework cannot produce)
+    optional = optional_outputs(adapter, opts.framework)
+    absent = [k for k in ref_outputs.keys() if k not in cand.outputs]
+    missing_outputs = [k for k in absent if not any(fnmatch.fnmatchcase(k, g) for g in optional)]
+    missing_optional = [k for k in absent if k not in missing_outputs]
     for name, x in cand.outputs.items():
         if name not in ref_outputs:
             unaligned_candidate.append(f"output:{name}")
@@ -370,6 +402,12 @@ def _compare(case, opts, th, aligner, cand: RunResult, ref: HookStore, ref_outpu
     if not tensors:
         verdict_all = "fail"
         notes.append("nothing was compared")
+    if missing_outputs:
+        verdict_all = "fail"
+        notes.append("the candidate does not produce case output(s): " + ", ".join(missing_outputs))
+    if missing_optional:
+        notes.append("optional output(s) the adapter declares it cannot produce (not compared): "
+                     + ", ".join(missing_optional))
     thresholds = {"dtype": dtype, **{k: v for k, v in tcfg.items()}, "metric": "oracle_ratio" if by_ratio else "max_rel",
                   "overrides": th.raw.get("overrides") or []}
     return {
@@ -381,7 +419,7 @@ def _compare(case, opts, th, aligner, cand: RunResult, ref: HookStore, ref_outpu
                    "warn": sum(t["verdict"] == "warn" for t in tensors),
                    "unaligned": len(unaligned), "unaligned_candidate": len(unaligned_candidate)},
         "unaligned": unaligned, "unaligned_reasons": reasons, "unaligned_candidate": unaligned_candidate,
-        "missing_outputs": missing_outputs,
+        "missing_outputs": missing_outputs, "missing_optional_outputs": missing_optional,
         "filter": {"include": opts.include, "exclude": opts.exclude, "max_depth": opts.max_depth},
         "environment": environment(opts.device), "notes": notes,
     }
@@ -394,8 +432,14 @@ def load_config_arg(adapter, config: str) -> dict:
         return dict(adapter.PRESETS[config])
     p = Path(config)
     if p.is_file():
-        d = json.loads(p.read_text())
-        return dict(d.get(adapter.CONFIG_NAME, d))
+        try:
+            d = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ReplayError(f"--config {p}: not valid JSON ({e})") from e
+        d = d.get(adapter.CONFIG_NAME, d) if isinstance(d, dict) else d
+        if not isinstance(d, dict):
+            raise ReplayError(f"--config {p}: expected a JSON object (the {adapter.CONFIG_NAME} fields)")
+        return dict(d)
     raise ReplayError(f"--config {config!r}: not a preset ({', '.join(getattr(adapter, 'PRESETS', {}))}) nor a JSON file")
 
 
@@ -430,7 +474,7 @@ def dump(model: str, config: str | dict, out: str | Path, weights: str | Path | 
     tmodel = adapter.build_torch(cfg, dtype=torch.float32)
     if weights:
         w = load_weights_arg(weights)
-        tmodel.load_state_dict({k: torch.from_numpy(v) for k, v in w.items()}, strict=True)
+        _load_state_strict(tmodel, {k: torch.from_numpy(v) for k, v in w.items()}, f"--weights {weights}")
         wsrc = str(weights)
     else:
         wsrc = f"seeded by the adapter's build_torch (seed 0): matrices N(0, 1/fan_in), scales 1+0.1N, biases 0.05N"
@@ -444,19 +488,25 @@ def dump(model: str, config: str | dict, out: str | Path, weights: str | Path | 
     meta = {"case": prefix.name}
     hook_path = prefix.with_name(prefix.name + ".hooks.safetensors")
     sink = Sink(hook_path, dedupe=True, metadata=meta) if hooks else None
-    if sink:
-        with Capture(tmodel, sink):
+    # every file goes through <file>.tmp + rename; <name>.config.json (what makes it a case) is written last
+    try:
+        if sink:
+            with Capture(tmodel, sink):
+                outputs = adapter.run_torch(tmodel, inp, case_cfg)
+            sink.close()
+            atomic_write_text(prefix.with_name(prefix.name + ".hooks_aliases.json"), json.dumps(sink.aliases, indent=0))
+        else:
             outputs = adapter.run_torch(tmodel, inp, case_cfg)
-        sink.close()
-        prefix.with_name(prefix.name + ".hooks_aliases.json").write_text(json.dumps(sink.aliases, indent=0))
-    else:
-        outputs = adapter.run_torch(tmodel, inp, case_cfg)
-    prefix.with_name(prefix.name + ".config.json").write_text(json.dumps(case_cfg, indent=1))
+    except BaseException:
+        if sink:
+            sink.abort()
+        raise
     with SafetensorsWriter(prefix.with_name(prefix.name + ".weights.safetensors"), meta) as w:
         for k, v in tmodel.state_dict().items():
             w.add(k, (v.float() if v.dtype == torch.bfloat16 else v).detach().cpu().numpy())
     save_dict(prefix.with_name(prefix.name + ".inputs.safetensors"), inp, meta)
     save_dict(prefix.with_name(prefix.name + ".outputs.safetensors"), outputs, meta)
+    atomic_write_text(prefix.with_name(prefix.name + ".config.json"), json.dumps(case_cfg, indent=1))
     return prefix
 
 
@@ -472,9 +522,12 @@ def dump_subprocess(model: str, config: str, out: Path, weights: str | None = No
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
     r = subprocess.run(cmd, cwd=str(root), env=env, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise ReplayError(f"dump process failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    if r.returncode == 2:   # a user error in the dump process: its one `error: ...` line
+        last = [l for l in r.stderr.splitlines() if l.strip()][-1:] or ["(no message)"]
+        raise ReplayError(f"dump process: {last[0].removeprefix('error: ')}")
+    if r.returncode != 0:   # a crash there is a bug (exit 1), with its traceback
+        raise RuntimeError(f"dump process failed ({r.returncode}):\n{r.stderr[-3000:]}")
     return Path(out)
 
 
-__all__ = ["ReplayOptions", "ReplayError", "replay", "dump", "dump_subprocess"]
+__all__ = ["ReplayOptions", "ReplayError", "NotCoveredError", "replay", "dump", "dump_subprocess"]

@@ -69,6 +69,8 @@ def summary_line(rep: dict) -> str:
              f"{len(rep.get('unaligned', []))} unaligned"]
     if out_rel is not None:
         parts.append(f"output max_rel {_fmt(out_rel)}")
+    if rep.get("missing_outputs"):
+        parts.append("missing outputs: " + ", ".join(rep["missing_outputs"]))
     if rep.get("oracle"):
         ratios = [t["oracle"]["ratio"] for t in ts if t.get("oracle")]
         if ratios:
@@ -96,10 +98,13 @@ def write_reports(rep: dict, out_dir: str | Path) -> dict[str, Path]:
     paths = {
         "json": out / "report.json", "md": out / "report.md", "junit": out / "junit.xml", "html": out / "report.html",
     }
-    paths["json"].write_text(json.dumps(_jsonable(rep), indent=1))
-    paths["md"].write_text(to_markdown(rep))
-    paths["junit"].write_text(to_junit(rep))
-    paths["html"].write_text(to_html(rep))
+    from parity.tensorio import atomic_write_text
+
+    # rendered first, then each written through <file>.tmp + rename; report.json (the machine-read one) last
+    texts = {"md": to_markdown(rep), "junit": to_junit(rep), "html": to_html(rep),
+             "json": json.dumps(_jsonable(rep), indent=1)}
+    for k in ("md", "junit", "html", "json"):
+        atomic_write_text(paths[k], texts[k])
     return paths
 
 
@@ -178,9 +183,11 @@ def to_markdown(rep: dict) -> str:
 
 def to_junit(rep: dict) -> str:
     ts = rep["tensors"]
+    missing = rep.get("missing_outputs", [])
     suite = ET.Element("testsuite", {
         "name": f"parity.{rep['case']}.{rep['framework']}.{rep['mode']}",
-        "tests": str(len(ts)), "failures": str(sum(t["verdict"] == "fail" for t in ts)),
+        "tests": str(len(ts) + len(missing)),
+        "failures": str(sum(t["verdict"] == "fail" for t in ts) + len(missing)),
         "errors": "0", "skipped": "0"})
     props = ET.SubElement(suite, "properties")
     for k in ("case", "framework", "device", "mode", "dtype", "verdict"):
@@ -198,6 +205,9 @@ def to_junit(rep: dict) -> str:
         else:
             so = ET.SubElement(tc, "system-out")
             so.text = f"{t['verdict']}: {msg}"
+    for name in missing:
+        tc = ET.SubElement(suite, "testcase", {"classname": cls, "name": name, "time": "0"})
+        ET.SubElement(tc, "failure", {"message": "case output not produced by the candidate", "type": "ParityError"})
     so = ET.SubElement(suite, "system-out")
     so.text = "unaligned: " + ", ".join(rep.get("unaligned", []))
     return ET.tostring(suite, encoding="unicode", xml_declaration=True) + "\n"

@@ -149,3 +149,62 @@ def test_hook_store_resolves_alias_chains(tmp_path):
     hs = HookStore(SafetensorsReader(p), {"a": "b", "b": "real", "loop1": "loop2", "loop2": "loop1"})
     assert "a" in hs and hs.get("a").sum() == 2
     assert "loop1" not in hs and "missing" not in hs
+
+
+def test_writer_streams_and_replaces_atomically(tmp_path, monkeypatch):
+    """Finding 5/8: data streams to `<path>.data.tmp` while adding (bounded RAM); the file appears under its final
+    name only by rename; a failure keeps the old file and leaves no temporaries."""
+    import parity.tensorio as T
+
+    p = tmp_path / "a.safetensors"
+    p.write_bytes(b"old")
+    w = SafetensorsWriter(p)
+    w.add("x", np.ones(100_000, np.float32))
+    assert (tmp_path / "a.safetensors.data.tmp").stat().st_size == 400_000   # on disk already, not in RAM
+    assert p.read_bytes() == b"old"
+
+    def broken(src, dst, n):
+        dst.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(T.shutil, "copyfileobj", broken)
+    with pytest.raises(OSError):
+        w.close()
+    assert p.read_bytes() == b"old" and sorted(x.name for x in tmp_path.iterdir()) == ["a.safetensors"]
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError):
+        with SafetensorsWriter(tmp_path / "b.safetensors") as w2:
+            w2.add("x", np.ones(3, np.float32))
+            raise RuntimeError("interrupted")
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["a.safetensors"]
+
+
+def test_tensorio_uses_the_converter_and_decodes_bf16(tmp_path):
+    """Finding 8: no private dtype table / header code; BF16 files (written by torch) decode exactly to float32."""
+    import torch
+    from safetensors.torch import save_file
+
+    import parity.align as A
+    import parity.tensorio as T
+
+    assert not hasattr(T, "_NP_TO_ST") and not hasattr(A, "_NP_TO_ST") and not hasattr(T, "struct")
+    assert not hasattr(A, "resolve_vars") and not hasattr(A, "ROOT")
+    t = torch.tensor([1.5, -2.25, 3.0e-3], dtype=torch.bfloat16)
+    save_file({"b": t, "i": torch.arange(3)}, str(tmp_path / "x.safetensors"))
+    r = SafetensorsReader(tmp_path / "x.safetensors")
+    assert r.dtype("b") == "BF16" and r.get("b").dtype == np.float32
+    np.testing.assert_array_equal(r.get("b"), t.float().numpy())
+    assert r.get("i").tolist() == [0, 1, 2] and r.keys() == ["b", "i"]
+    with pytest.raises(TypeError, match="b: "):
+        SafetensorsWriter(tmp_path / "c.safetensors").add("b", np.ones(2, np.complex64))
+
+
+def test_apply_ops_keeps_dtypes_and_refuses_unknown_ones():
+    """Finding 8: align ops work on the converter's storage view; an unknown dtype is an error, not 'F32'."""
+    x = np.arange(8, dtype=np.float16).reshape(2, 4)
+    y = apply_ops(x, [{"transpose": {"axes": [1, 0]}}], {})
+    assert y.dtype == np.float16 and y.shape == (4, 2)
+    with pytest.raises(TypeError):
+        apply_ops(x.astype(np.complex64), [{"transpose": {"axes": [1, 0]}}], {})
+    z = apply_ops(np.array([1.0, 1.00390625 + 1e-3], np.float32), [{"cast": {"dtype": "BF16"}}], {})
+    assert z.dtype == np.float32 and z.tolist() == [1.0, 1.0078125]     # values rounded to bf16, as values

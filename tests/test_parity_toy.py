@@ -249,3 +249,191 @@ def test_include_filter_limits_capture_and_unaligned(toy):
     assert {t["name"].split(".")[0] + "." + t["name"].split(".")[1] for t in rep["tensors"] if t["kind"] == "hook"} == {"blocks.1"}
     # modules left out on purpose are not reported; the one in scope without a counterpart still is
     assert rep["unaligned"] == ["blocks.1.drop"]
+
+
+# ---------------------------------------------------------------------------------------------- review fixes
+def _toy_mod():
+    return adapters.REGISTERED["toy"]
+
+
+def _copy_case(prefix, dest):
+    import shutil
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in prefix.parent.glob(prefix.name + ".*"):
+        shutil.copy(f, dest / f.name)
+    return dest / prefix.name
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from parity.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_missing_output_fails_unless_the_adapter_declares_it_optional(toy, monkeypatch):
+    """Finding 2: a case output the candidate does not produce fails the verdict; OPTIONAL_OUTPUTS exempts it."""
+    mod = _toy_mod()
+    run_ms = mod.run_ms
+    monkeypatch.setattr(mod, "run_ms", lambda net, inputs, case_cfg=None: {} if run_ms(net, inputs) else {})
+    rep = replay(toy, ReplayOptions(framework="mindspore"))
+    assert rep["verdict"] == "fail" and rep["missing_outputs"] == ["output"]
+    assert any("output" in n and "does not produce" in n for n in rep["notes"])
+    from parity.report import summary_line, to_junit
+
+    assert "missing outputs: output" in summary_line(rep)
+    assert 'name="output"' in to_junit(rep) and "not produced" in to_junit(rep)
+    # optional for this framework (globs, or {framework: globs}): listed, not failed
+    monkeypatch.setattr(mod, "OPTIONAL_OUTPUTS", {"mindspore": ["out*"]}, raising=False)
+    rep = replay(toy, ReplayOptions(framework="mindspore"))
+    assert rep["verdict"] == "pass" and rep["missing_outputs"] == []
+    assert rep["missing_optional_outputs"] == ["output"]
+    # optional for another framework only: still a failure here
+    monkeypatch.setattr(mod, "OPTIONAL_OUTPUTS", {"torch": ["output"]})
+    assert replay(toy, ReplayOptions(framework="mindspore"))["verdict"] == "fail"
+
+
+def test_suite_user_errors_and_default_cases_folder(tmp_path, monkeypatch):
+    """Finding 1: the default cases folder does not depend on cwd; nothing to run is a user error (exit 2)."""
+    from parity.ci import DEFAULT_CASES, SuiteError, run_suite
+
+    assert DEFAULT_CASES.is_absolute() and (DEFAULT_CASES / "mmdit_tiny.config.json").is_file()
+    monkeypatch.chdir(tmp_path)                      # `../shared/upstream/tiny` relative to here does not exist
+    r = _cli("suite", "--only", "mmdit_tinyy", "--report", tmp_path / "r")
+    assert r.exit_code == 2 and "mmdit_tinyy" in r.output and "no such case in" in r.output, r.output
+    r = _cli("suite", tmp_path / "nowhere", "--report", tmp_path / "r")
+    assert r.exit_code == 2 and "no such cases folder" in r.output, r.output
+    (tmp_path / "empty").mkdir()
+    r = _cli("suite", tmp_path / "empty", "--report", tmp_path / "r")
+    assert r.exit_code == 2 and "no case" in r.output, r.output
+    with pytest.raises(SuiteError):
+        run_suite(tmp_path / "empty", tmp_path / "r")
+
+
+def test_suite_counts_only_not_covered_as_not_covered(toy, tmp_path, monkeypatch):
+    """Finding 1/5: a ReplayError of a covered run fails the suite; NotCoveredError does not; a malformed case is
+    reported as failed and the others still run."""
+    import parity.engine as E
+    from parity.ci import run_suite
+
+    cases = tmp_path / "cases"
+    _copy_case(toy, cases)
+    lines = []
+
+    def boom(prefix, opts):
+        raise E.ReplayError("a bad option in a covered run")
+
+    monkeypatch.setattr(E, "replay", boom)
+    rc = run_suite(cases, tmp_path / "r1", ["torch"], ["free"], echo=lines.append)
+    assert rc == 1 and "ERROR ReplayError" in lines[-1], lines
+    assert (tmp_path / "r1" / "toy_tiny" / "torch-free" / "error.txt").is_file()
+
+    def not_covered(prefix, opts):
+        raise E.NotCoveredError("the port cannot be imported")
+
+    monkeypatch.setattr(E, "replay", not_covered)
+    rc = run_suite(cases, tmp_path / "r2", ["torch"], ["free"], echo=lines.append)
+    assert rc == 0 and "not covered" in lines[-1], lines
+    # a malformed case: that case fails, the next one still runs
+    (cases / "aaa_bad.config.json").write_text("{not json")
+    for kind in ("weights", "inputs", "outputs"):
+        (cases / f"aaa_bad.{kind}.safetensors").write_bytes((cases / f"toy_tiny.{kind}.safetensors").read_bytes())
+    lines.clear()
+    rc = run_suite(cases, tmp_path / "r3", ["torch"], ["free"], echo=lines.append)
+    assert rc == 1 and len(lines) == 2
+    assert lines[0].startswith("aaa_bad") and "ERROR" in lines[0] and "not valid JSON" in lines[0]
+    assert lines[1].startswith("toy_tiny") and "not covered" in lines[1]
+    assert not list((tmp_path / "r3").glob("*.tmp"))
+
+
+def test_user_errors_exit_2_with_one_line(toy, tmp_path, monkeypatch):
+    """Finding 6: ReplayError/CaseError are UserErrors; MappingError, bad JSON, bad --perturb, weights that do not
+    fit: one `error:` line, exit 2."""
+    from converter.errors import UserError
+    from parity.case import CaseError
+    from parity.engine import NotCoveredError, ReplayError
+
+    assert issubclass(ReplayError, UserError) and issubclass(CaseError, UserError)
+    assert issubclass(NotCoveredError, ReplayError)
+    r = _cli("replay", toy, "--framework", "torch", "--perturb", "blocks.1.out.weight=abc")
+    assert r.exit_code == 2 and "SCALE must be a number" in r.output, r.output
+    bad = _copy_case(toy, tmp_path / "bad")
+    Path_ = type(bad)
+    Path_(str(bad) + ".config.json").write_text('{"ToyConfig": {"d": 8},')
+    r = _cli("replay", bad, "--framework", "torch")
+    assert r.exit_code == 2 and "config.json" in r.output and "not valid JSON" in r.output, r.output
+    assert "Traceback" not in r.output
+    # a MappingError (converter.errors.UserError) from the candidate's mapping
+    monkeypatch.setattr(_toy_mod(), "mapping_name", lambda cfg: str(tmp_path / "no_such_map.yaml"))
+    r = _cli("replay", toy, "--framework", "mindspore")
+    assert r.exit_code == 2 and r.output.startswith("error:") and "no_such_map" in r.output, r.output
+    # dump --weights that do not fit the config: names the file
+    from parity.tensorio import save_dict
+
+    w = save_dict(tmp_path / "wrong.safetensors", {"nope.weight": np.ones((2, 2), np.float32)})
+    r = _cli("dump", "toy", "--config", "tiny", "--weights", w, "--out", tmp_path / "d" / "x")
+    assert r.exit_code == 2 and "wrong.safetensors" in r.output and "do not fit" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+
+def test_unresolvable_mapping_var_is_an_error_not_dropped(toy, tmp_path, monkeypatch):
+    """Finding 9: the aligner's vars come from Mapping.resolve_vars (includes too); a var the case weights cannot
+    give is a MappingError naming it, not silently dropped."""
+    mp = tmp_path / "toy_map_vars.yaml"
+    mp.write_text(MAPPING.replace("name: toy_map", "name: toy_map_vars").replace(
+        "rules:", "vars:\n  width: {source: \"inp.weight\", dim: 0}\n  ghost: {source: \"no.such.key\", dim: 0}\nrules:"))
+    monkeypatch.setattr(_toy_mod(), "mapping_name", lambda cfg: str(mp))
+    from converter.errors import MappingError
+
+    with pytest.raises(MappingError, match="ghost"):
+        replay(toy, ReplayOptions(framework="mindspore"))
+    mp.write_text(mp.read_text().replace('  ghost: {source: "no.such.key", dim: 0}\n', ""))
+    import parity.engine as E
+
+    seen = {}
+    orig = E.Aligner
+
+    def spy(entries, vars):
+        seen.update(vars)
+        return orig(entries, vars)
+
+    monkeypatch.setattr(E, "Aligner", spy)
+    assert replay(toy, ReplayOptions(framework="mindspore"))["verdict"] == "pass"
+    assert seen == {"width": D}
+
+
+def test_dump_is_atomic_and_cleans_up(toy, tmp_path, monkeypatch):
+    """Finding 5: a dump that fails leaves no temporaries and no config.json (so no half case); config is last."""
+    mod = _toy_mod()
+
+    def crash(model, inputs, case_cfg=None):
+        model(torch.from_numpy(inputs["x"]))
+        raise RuntimeError("crash mid-run")
+
+    monkeypatch.setattr(mod, "run_torch", crash)
+    with pytest.raises(RuntimeError, match="crash mid-run"):
+        dump("toy", "tiny", tmp_path / "a" / "c")
+    assert list((tmp_path / "a").iterdir()) == []
+    monkeypatch.undo()
+    import parity.engine as E
+
+    real = E.save_dict
+
+    def fail_outputs(path, tensors, meta=None):
+        if str(path).endswith(".outputs.safetensors"):
+            raise OSError("disk full")
+        return real(path, tensors, meta)
+
+    monkeypatch.setattr(E, "save_dict", fail_outputs)
+    with pytest.raises(OSError):
+        dump("toy", "tiny", tmp_path / "b" / "c")
+    names = sorted(p.name for p in (tmp_path / "b").iterdir())
+    assert "c.config.json" not in names and not any(n.endswith(".tmp") for n in names), names
+
+
+def test_run_reports_a_dump_user_error_in_one_line(tmp_path):
+    """Finding 6: `parity run` with a bad --config: the dump process's one-line user error, exit 2."""
+    r = _cli("run", "mmdit", "--config", "no_such_preset", "--report", tmp_path / "rep", "--mode", "free")
+    assert r.exit_code == 2 and "no_such_preset" in r.output and "Traceback" not in r.output, r.output

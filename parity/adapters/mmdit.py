@@ -21,6 +21,9 @@ import numpy as np
 CONFIG_NAME = "MMDiTConfig"
 
 TEACHER_BLOCKS = ["double_blocks.{i}", "single_blocks.{i}", "final_layer"]
+# Flux's `pe` is EmbedND's interleaved (B, 1, L, D/2, 2, 2) rotation table; the port runs rotate-half RoPE from
+# cos/sin tables and has no such tensor (every attention output downstream checks it instead).
+OPTIONAL_OUTPUTS = {"mindspore": ["pe"]}
 
 PRESETS = {
     # = ../shared/upstream/tiny/mmdit_tiny.config.json
