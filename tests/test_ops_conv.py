@@ -1,0 +1,113 @@
+"""The conv op layer (opensora_ms/ops/conv.py): fast CPU conv3d vs `ops.conv3d`, pad / nearest / group norm vs torch."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mindspore as ms
+from mindspore import Tensor, ops
+
+from opensora_ms.ops import conv as oc
+
+rng = np.random.default_rng(0)
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def r(*shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+# (x shape, weight shape, stride, padding)
+CONV_CASES = [
+    ((1, 8, 5, 6, 7), (16, 8, 3, 3, 3), 1, 0),
+    ((2, 4, 4, 5, 6), (6, 4, 3, 3, 3), 1, 1),
+    ((1, 3, 6, 9, 8), (5, 3, 3, 3, 3), (1, 2, 2), 0),
+    ((1, 6, 7, 9, 9), (6, 6, 3, 3, 3), (2, 2, 2), 0),
+    ((2, 5, 3, 4, 5), (7, 5, 1, 1, 1), 1, 0),
+    ((1, 4, 5, 7, 6), (3, 4, 1, 3, 3), 1, (0, 1, 1)),
+    ((1, 4, 6, 6, 6), (4, 4, 2, 3, 1), (2, 1, 1), (0, 1, 0)),
+    ((1, 16, 3, 10, 10), (8, 16, 3, 3, 3), 1, 0),
+]
+
+
+def f_conv(x, w, b, stride, padding):
+    return oc.conv3d(x, w, b, stride, padding)
+
+
+def ref_conv(x, w, b, stride, padding):
+    # MindSpore's own kernel: pad 6-tuple (front, back, top, bottom, left, right)
+    p = oc._triple(padding)
+    return ops.conv3d(x, w, b, stride=oc._triple(stride), pad_mode="pad", padding=p)
+
+
+@pytest.mark.parametrize("mode", ["pynative", "jit"])
+@pytest.mark.parametrize("xs,ws,stride,padding", CONV_CASES)
+def test_conv3d_matches_ops_conv3d(xs, ws, stride, padding, mode):
+    x, w, b = Tensor(r(*xs)), Tensor(r(*ws)), Tensor(r(ws[0]))
+    want = ref_conv(x, w, b, stride, padding).asnumpy()
+    fn = ms.jit(f_conv) if mode == "jit" else f_conv
+    got = fn(x, w, b, stride, padding).asnumpy()
+    assert got.shape == want.shape
+    assert rel(got, want) <= 1e-5
+    # and torch agrees too
+    tw = F.conv3d(torch.from_numpy(x.asnumpy()), torch.from_numpy(w.asnumpy()), torch.from_numpy(b.asnumpy()),
+                  stride=stride, padding=padding).numpy()
+    assert rel(got, tw) <= 1e-5
+
+
+def test_conv3d_chunked_equals_unchunked():
+    """A tiny column budget forces many chunks (positions for stride 1, frames for strided) — same result."""
+    x, w, b = Tensor(r(1, 8, 5, 9, 10)), Tensor(r(6, 8, 3, 3, 3)), Tensor(r(6))
+    full = oc.conv3d(x, w, b).asnumpy()
+    fs = oc.conv3d(x, w, b, (2, 2, 2)).asnumpy()
+    old = oc.get_cpu_conv_budget()
+    try:
+        oc.set_cpu_conv_budget(1)
+        assert rel(oc.conv3d(x, w, b).asnumpy(), full) <= 1e-6
+        assert rel(oc.conv3d(x, w, b, (2, 2, 2)).asnumpy(), fs) <= 1e-6
+    finally:
+        oc.set_cpu_conv_budget(old)
+    assert rel(full, ref_conv(x, w, b, 1, 0).asnumpy()) <= 1e-5
+
+
+def f_pad_rep(x):
+    return oc.pad(x, (1, 1, 1, 1, 2, 0), mode="replicate")
+
+
+@pytest.mark.parametrize("mode", ["pynative", "jit"])
+def test_replicate_pad(mode):
+    x = r(1, 3, 4, 5, 6)
+    fn = ms.jit(f_pad_rep) if mode == "jit" else f_pad_rep
+    got = fn(Tensor(x)).asnumpy()
+    want = F.pad(torch.from_numpy(x), (1, 1, 1, 1, 2, 0), mode="replicate").numpy()
+    assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("factor", [(2, 2, 2), (1, 2, 2), (2, 2)])
+def test_interpolate_nearest(factor):
+    x = r(1, 3, 3, 4, 5) if len(factor) == 3 else r(1, 3, 4, 5)
+    got = oc.interpolate_nearest(Tensor(x), factor).asnumpy()
+    want = F.interpolate(torch.from_numpy(x), scale_factor=factor, mode="nearest").numpy()
+    assert np.array_equal(got, want)
+
+
+def test_group_norm_cell():
+    x = r(2, 8, 3, 4, 5)
+    gn = oc.GroupNorm(4, 8, eps=1e-6)
+    w, b = r(8), r(8)
+    gn.weight.set_data(Tensor(w))
+    gn.bias.set_data(Tensor(b))
+    got = gn(Tensor(x)).asnumpy()
+    want = F.group_norm(torch.from_numpy(x), 4, torch.from_numpy(w), torch.from_numpy(b), 1e-6).numpy()
+    assert rel(got, want) <= 1e-5
+    assert [n for n, _ in gn.parameters_and_names()] == ["weight", "bias"]
+
+
+def test_conv3d_cell_names():
+    c = oc.Conv3d(4, 6, 3, bias=True)
+    assert [(n, tuple(p.shape)) for n, p in c.parameters_and_names()] == [("weight", (6, 4, 3, 3, 3)), ("bias", (6,))]
