@@ -122,12 +122,12 @@ def convert(
     try:
         if dry_run:
             m, source, plan, tdesc = plan_checkpoint(src, mapping, target_inventory)
-            from converter.tensor import POLICY_DTYPES, nbytes, DTYPES
+            from converter.tensor import POLICY_DTYPES, nbytes, policy_dtype
 
             want = POLICY_DTYPES.get(dtype, "?")
             if want == "?":
                 raise UserError(f"--dtype must be one of {', '.join(POLICY_DTYPES)}, got {dtype!r}")
-            total = sum(nbytes(n.shape, want if want and DTYPES[n.dtype][3] == "float" else n.dtype) for n in plan.targets.values())
+            total = sum(nbytes(n.shape, policy_dtype(n.dtype, want, k)) for k, n in plan.targets.items())
             info = {"mapping": m.name, "source": str(src), "targets": len(plan.targets), "bytes": total,
                     "dropped": plan.dropped, "unused_rules": plan.unused_rules, "target_inventory": tdesc,
                     "dtype_policy": dtype, "plan": plan.describe()}

@@ -6,11 +6,29 @@ import os
 
 
 def write_ckpt(shards, path) -> None:
+    """MindSpore failures become OutputError naming the file (OSErrors such as a full disk pass through)."""
     import mindspore as ms  # only here
+
+    from .errors import OutputError
 
     params = {}
     for s in shards:
-        params.update(ms.load_checkpoint(os.fspath(s), format="safetensors"))
+        try:
+            params.update(ms.load_checkpoint(os.fspath(s), format="safetensors"))
+        except OSError:
+            raise
+        except Exception as e:
+            raise OutputError(f"{s}: MindSpore cannot load the converted shard for --format ckpt: {_msg(e)}") from None
     tmp = os.fspath(path) + ".tmp.ckpt"
-    ms.save_checkpoint([{"name": k, "data": v} for k, v in params.items()], tmp)
+    try:
+        ms.save_checkpoint([{"name": k, "data": v} for k, v in params.items()], tmp)
+    except OSError:
+        raise
+    except Exception as e:
+        raise OutputError(f"{path}: MindSpore cannot write the checkpoint: {_msg(e)}") from None
     os.replace(tmp, path)
+
+
+def _msg(e: Exception) -> str:
+    s = str(e).strip()
+    return (s.splitlines()[0][:300] if s else type(e).__name__)

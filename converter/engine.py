@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import importlib.util
 import json
 import mmap
 import os
@@ -34,7 +35,7 @@ from .inventory import load_inventory
 from .mapping import Mapping, Node, Plan, evaluate, load_mapping
 from .safetensors_io import TensorInfo, build_header
 from .sources import MemTensor, Source
-from .tensor import DTYPES, POLICY_DTYPES, cast_storage, nbytes
+from .tensor import POLICY_DTYPES, cast_storage, nbytes, policy_dtype
 
 CHUNK = 32 << 20
 NBUF = 4
@@ -262,7 +263,10 @@ class _Pipeline:
     def source_fd(self, path: str) -> int:
         fd = self.fds.get(path)
         if fd is None:
-            fd = self.fds[path] = os.open(path, os.O_RDONLY)
+            try:
+                fd = self.fds[path] = os.open(path, os.O_RDONLY)
+            except OSError as e:
+                raise FormatError(f"{path}: cannot read source file: {e.strerror or e}") from None
         return fd
 
     def close(self):
@@ -301,6 +305,7 @@ class _SourceHasher(threading.Thread):
             self.cv.notify()
 
     def run(self):
+        f = None
         try:
             for f in self.files:
                 h = hashlib.sha256()
@@ -315,7 +320,7 @@ class _SourceHasher(threading.Thread):
                         with self.cv:
                             while not (self.unbounded or self.stop) and pos > 0 and self.high.get(f, 0) < pos + want:
                                 self.cv.wait(0.2)
-                        win = _Window(fd, pos, want)
+                        win = _Window(fd, pos, want, f)
                         try:
                             h.update(win.mv)
                         finally:
@@ -324,6 +329,8 @@ class _SourceHasher(threading.Thread):
                 finally:
                     os.close(fd)
                 self.result[f] = h.hexdigest()
+        except OSError as e:  # a source read error, not an output one
+            self.error = FormatError(f"{f}: cannot read source file: {e.strerror or e}")
         except BaseException as e:
             self.error = e
 
@@ -434,6 +441,9 @@ def convert_checkpoint(src_path, mapping, out_dir, *, dtype: str = "keep", fmt: 
         raise UserError(f"--dtype must be one of {', '.join(POLICY_DTYPES)}, got {dtype!r}")
     if fmt not in ("safetensors", "ckpt"):
         raise UserError(f"--format must be safetensors or ckpt, got {fmt!r}")
+    if fmt == "ckpt" and importlib.util.find_spec("mindspore") is None:
+        raise UserError("--format ckpt needs MindSpore (it writes model.ckpt with mindspore.save_checkpoint), which is "
+                        "not installed; install it or use --format safetensors")
     shard_bytes = parse_size(shard_size)
     if shard_bytes <= 0:
         raise UserError(f"--shard-size must be positive, got {shard_size!r}")
@@ -448,7 +458,7 @@ def convert_checkpoint(src_path, mapping, out_dir, *, dtype: str = "keep", fmt: 
         raise OutputError(f"{out}: refusing to replace a folder that is not an msconv output (no {MANIFEST_NAME}); "
                           "remove it or choose another --out")
     want = POLICY_DTYPES[dtype]
-    dtypes = {k: (want if want and DTYPES[n.dtype][3] == "float" else n.dtype) for k, n in plan.targets.items()}
+    dtypes = {k: policy_dtype(n.dtype, want, k) for k, n in plan.targets.items()}
     shards = _order_and_shard(plan, src, dtypes, shard_bytes)
     total = sum(nbytes(plan.targets[k].shape, dtypes[k]) for k in plan.targets)
 
@@ -464,8 +474,10 @@ def convert_checkpoint(src_path, mapping, out_dir, *, dtype: str = "keep", fmt: 
         if staging.exists():  # left by a killed run: we hold the lock, so nobody is using it
             shutil.rmtree(staging)
         free = shutil.disk_usage(out.parent).free
-        if free < total:
-            raise OutputError(f"{out.parent}: not enough disk space: the output needs {total / 1e9:.2f} GB, {free / 1e9:.2f} GB free")
+        need = 2 * total if fmt == "ckpt" else total  # ckpt: the safetensors shards and model.ckpt
+        if free < need:
+            raise OutputError(f"{out.parent}: not enough disk space: the output needs {need / 1e9:.2f} GB"
+                              f"{' (safetensors + ckpt)' if fmt == 'ckpt' else ''}, {free / 1e9:.2f} GB free")
         staging.mkdir()
         try:
             result = _write_all(m, src, plan, dtypes, shards, staging, total, progress, hash_source)
@@ -525,7 +537,12 @@ def _publish(staging: Path, out: Path, overwrite: bool) -> None:
         if old.exists():
             shutil.rmtree(old)
         os.replace(out, old)
-    os.replace(staging, out)
+    try:
+        os.replace(staging, out)
+    except BaseException:
+        if old is not None:  # put the previous output back under its name
+            os.replace(old, out)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -615,7 +632,7 @@ def _copy_piece(pipe: _Pipeline, fd: int, p: Piece, done: int, total: int, progr
     while pos < end:
         token = pipe.get_buffer()
         want = min(CHUNK, end - pos)
-        win = _Window(fdin, pos, want)  # hashed straight from the page cache, copied in the kernel
+        win = _Window(fdin, pos, want, t.path)  # hashed straight from the page cache, copied in the kernel
         if hasher:
             hasher.advance(t.path, pos + want)
         pipe.push(fd, (fdin, pos, want, win.mv), token, window=win)
@@ -630,16 +647,20 @@ class _Window:
     """A read-only mmap of file bytes [pos, pos + n), populated at once (MAP_POPULATE) and unmapped as soon as
     it has been hashed and copied: no user-space copy, RSS bounded by the windows in flight."""
 
-    def __init__(self, fd: int, pos: int, n: int):
+    def __init__(self, fd: int, pos: int, n: int, path: str = "source file"):
         base = pos - pos % mmap.ALLOCATIONGRANULARITY
         self.delta = pos - base
         if n == 0:
             self.mm, self.mv = None, memoryview(b"")
             return
-        if os.fstat(fd).st_size < pos + n:  # mapping past EOF would SIGBUS on access
-            raise FormatError(f"source file shrank during conversion (needs {pos + n} bytes)")
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        self.mm = mmap.mmap(fd, self.delta + n, flags=flags, prot=mmap.PROT_READ, offset=base)
+        try:
+            size = os.fstat(fd).st_size
+            if size < pos + n:  # mapping past EOF would SIGBUS on access
+                raise FormatError(f"{path}: source file shrank during conversion (needs {pos + n} bytes, has {size})")
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            self.mm = mmap.mmap(fd, self.delta + n, flags=flags, prot=mmap.PROT_READ, offset=base)
+        except OSError as e:
+            raise FormatError(f"{path}: cannot read source file: {e.strerror or e}") from None
         self.mv = memoryview(self.mm)[self.delta:self.delta + n]
 
     def close(self):

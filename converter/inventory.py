@@ -40,10 +40,6 @@ def load_inventory(path: str | os.PathLike) -> Inventory:
     return inv
 
 
-def inventory_json(inv: Inventory, **extra) -> dict:
-    return {**extra, "tensors": [{"key": k, "shape": list(s), "dtype": d} for k, (s, d) in inv.items()]}
-
-
 def diff_inventories(actual: Inventory, expected: Inventory, dtypes: bool = True) -> dict:
     """Exact differences: keys missing from `actual`, extra keys, shape and dtype mismatches."""
     missing = sorted(set(expected) - set(actual))

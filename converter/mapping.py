@@ -24,7 +24,7 @@ import yaml
 from .errors import MappingError, summarize
 from .inventory import compress_keys, load_inventory
 from .ops import Ctx, Op, parse_op
-from .tensor import DTYPES, POLICY_DTYPES, as_storage, cast_storage, from_storage
+from .tensor import DTYPES, POLICY_DTYPES, as_storage, cast_storage, from_storage, policy_dtype
 
 PROJECT = Path(__file__).resolve().parents[1]
 MAPPINGS_DIR = PROJECT / "mappings"
@@ -54,6 +54,20 @@ def _compile(pattern: str) -> re.Pattern:
 
 def _fill(pattern: str, b: dict) -> str:
     return _PH.sub(lambda m: b[m.group(1)], pattern)
+
+
+def _prefix_align(entry, sp: str, tp: str):
+    """An included mapping's alignment entry with the include's prefixes on its torch / ms module paths."""
+    if not isinstance(entry, dict) or not (sp or tp):
+        return entry
+    e = dict(entry)
+    for k, pre in (("torch", sp), ("ms", tp)):
+        v = e.get(k)
+        if isinstance(v, str):
+            e[k] = pre + v
+        elif isinstance(v, list):
+            e[k] = [pre + x if isinstance(x, str) else x for x in v]
+    return e
 
 
 @dataclass
@@ -200,6 +214,7 @@ class Mapping:
         self.includes: list[tuple[Mapping, str, str]] = []
         self.rules: list[Rule] = []
         self.inverted = False
+        inc_align: list = []
         for inc in data.get("include") or []:
             if not isinstance(inc, dict) or "mapping" not in inc or not set(inc) <= {"mapping", "prefix", "source_prefix", "target_prefix"}:
                 raise MappingError(f"{where}: include entries are {{mapping: NAME, prefix: 'mmdit.'}} (or source_prefix/target_prefix), got {inc!r}")
@@ -211,6 +226,8 @@ class Mapping:
             for r in sub.rules:
                 sc = Scope(r.scope.name, r.scope.vars, sp + r.scope.src_prefix, tp + r.scope.tgt_prefix)
                 self.rules.append(Rule([sp + s for s in r.sources], [tp + t for t in r.targets], r.ops, r.drop, sc, r.index))
+            inc_align.extend(_prefix_align(a, sp, tp) for a in sub.align)
+        self.align = inc_align + self.align
         rules = data.get("rules") or []
         if not isinstance(rules, list):
             raise MappingError(f"{where}: rules must be a list")
@@ -285,22 +302,24 @@ class Mapping:
         return self._inventory("target", manifests=False)
 
     def _inventory(self, side: str, manifests: bool) -> dict | None:
-        if self.includes:
-            inv = {}
-            for sub, sp, tp in self.includes:
-                part = sub._inventory(side, manifests)
-                if part is None:
-                    return None
-                pre = sp if side == "source" else tp
-                inv.update({pre + k: v for k, v in part.items()})
-            return inv
+        """The file named by this spec's own source.manifest / target.inventory; without one, the prefixed union
+        of the included mappings' inventories (None if any is missing)."""
         fwd = side if not self.inverted else ("target" if side == "source" else "source")
         if fwd == "source":
             ref, manifests = self.source.get("manifest"), True
         else:
             ref, manifests = self.target.get("inventory"), False
-        p = self._resolve_file(ref, manifests) if ref else None
-        return load_inventory(p) if p else None
+        if ref or not self.includes:
+            p = self._resolve_file(ref, manifests) if ref else None
+            return load_inventory(p) if p else None
+        inv = {}
+        for sub, sp, tp in self.includes:
+            part = sub._inventory(side, manifests)
+            if part is None:
+                return None
+            pre = sp if side == "source" else tp
+            inv.update({pre + k: v for k, v in part.items()})
+        return inv
 
     # -- planning ---------------------------------------------------------------------------------------
     def _vars(self, scope: Scope, src_inv: dict, tgt_inv: dict | None) -> dict:
@@ -323,6 +342,38 @@ class Mapping:
                          if spec.get(side)]
                 val = MappingError(f"{scope.name}: var {name!r} cannot be read: {' / '.join(tried)} not in the inventories")
             out[name] = val
+        return out
+
+    def _scopes(self) -> list[Scope]:
+        """Every distinct var scope of the mapping: those of included mappings (with their prefixes), then its own."""
+        out, seen = [], set()
+        for sc in [r.scope for r in self.rules] + [self.scope]:
+            k = (sc.name, sc.src_prefix, sc.tgt_prefix, id(sc.vars))
+            if k not in seen:
+                seen.add(k)
+                out.append(sc)
+        return out
+
+    def resolve_vars(self, source_inventory: dict, target_inventory: dict | None = None) -> dict[str, int]:
+        """The mapping's vars (its own and those of included mappings, keys read with the include prefixes)
+        resolved against `source_inventory` ({key: shape} or {key: (shape, dtype)}) and, optionally, a target
+        inventory, exactly as planning does. Raises MappingError naming the var and key when one cannot be read."""
+        def norm(inv):
+            if inv is None:
+                return None
+            out = {}
+            for k, v in inv.items():
+                if isinstance(v, (tuple, list)) and len(v) == 2 and isinstance(v[1], str):
+                    v = v[0]
+                out[k] = (tuple(getattr(v, "shape", v)), None)
+            return out
+        src, tgt = norm(source_inventory), norm(target_inventory)
+        out: dict[str, int] = {}
+        for sc in self._scopes():
+            for name, val in self._vars(sc, src, tgt).items():
+                if isinstance(val, MappingError):
+                    raise val
+                out[name] = val
         return out
 
     def plan(self, source_inventory: dict, target_inventory: dict | None = None, *, where: str | None = None,
@@ -482,11 +533,12 @@ class Mapping:
         out = {}
         cache: dict = {}
         want = POLICY_DTYPES[dtype]
+        dts = {k: policy_dtype(node.dtype, want, k) for k, node in plan.targets.items()}  # all checked before any cast
         for k, node in plan.targets.items():
             arr = evaluate(node, lambda key: storage[key][0], cache)
             dt = node.dtype
-            if want and DTYPES[dt][3] == "float" and dt != want:
-                arr, dt = cast_storage(arr, dt, want, k), want
+            if dts[k] != dt:
+                arr, dt = cast_storage(arr, dt, dts[k], k), dts[k]
             leaves = node.leaves()
             out[k] = from_storage(arr, dt, like=likes.get(leaves[0]) if leaves else None)
         return out

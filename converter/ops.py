@@ -12,7 +12,7 @@ import operator
 import numpy as np
 
 from .errors import MappingError
-from .tensor import DTYPES, cast_storage
+from .tensor import DTYPES, can_decode, cast_storage
 
 
 class Ctx:
@@ -54,7 +54,10 @@ def resolve_int(v, ctx: Ctx, what: str) -> int:
                 raise val
             return val
         if isinstance(n, ast.BinOp) and type(n.op) in _BIN:
-            return _BIN[type(n.op)](ev(n.left), ev(n.right))
+            left, right = ev(n.left), ev(n.right)
+            if isinstance(n.op, ast.FloorDiv) and right == 0:
+                ctx.fail(f"{what}: division by zero in {v!r}")
+            return _BIN[type(n.op)](left, right)
         if isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.USub):
             return -ev(n.operand)
         ctx.fail(f"{what}: unsupported expression {v!r}")
@@ -69,7 +72,6 @@ def resolve_int(v, ctx: Ctx, what: str) -> int:
 class Op:
     name = "?"
     arity = "1->1"  # "n->1" (concat), "1->n" (split) or "1->1" applied to each tensor
-    invertible = True
     params: dict
 
     def __init__(self, params: dict | None, where: str):
@@ -81,7 +83,11 @@ class Op:
         for r in self.required:
             if r not in self.params:
                 raise MappingError(f"{where}: op {self.name} needs {r!r}")
+        for k in self.lists:
+            if k in self.params and not isinstance(self.params[k], list) and not (k == "sizes" and self.params[k] is None):
+                raise MappingError(f"{where}: op {self.name}.{k} must be a list, got {self.params[k]!r}")
 
+    lists: tuple = ("sizes", "axes", "shape", "inverse", "rows")
     allowed: tuple = ()
     required: tuple = ()
 
@@ -206,6 +212,8 @@ class PermuteRows(Op):
         super().__init__(params, where)
         if self.params["convention"] not in self.CONVENTIONS:
             raise MappingError(f"{where}: permute_rows.convention must be one of {self.CONVENTIONS}, got {self.params['convention']!r}")
+        if "rows" in self.params and len(self.params["rows"]) != 2:
+            raise MappingError(f"{where}: permute_rows.rows is [first_part, end_part], got {self.params['rows']!r}")
 
     def _index(self, shape, ctx) -> tuple[int, np.ndarray]:
         ax = self._axis(len(shape), ctx)
@@ -261,7 +269,7 @@ class Transpose(Op):
 
     def _axes(self, ndim, ctx):
         axes = [resolve_int(a, ctx, "transpose.axes") for a in self.params["axes"]]
-        if sorted(a % ndim for a in axes) != list(range(ndim)) or len(axes) != ndim:
+        if len(axes) != ndim or sorted(a % ndim for a in axes) != list(range(ndim)):
             ctx.fail(f"transpose: axes {axes} are not a permutation of {ndim} axes")
         return [a % ndim for a in axes]
 
@@ -343,15 +351,16 @@ class Cast(Op):
             if k in self.params and self.params[k] not in DTYPES:
                 raise MappingError(f"{where}: cast.{k} {self.params[k]!r} is not a dtype ({', '.join(DTYPES)})")
 
-    @property
-    def invertible(self):
-        return "from" in self.params
-
     def infer(self, shapes, dtypes, ctx):
         if "from" in self.params:
             for d in dtypes:
                 if d != self.params["from"]:
                     ctx.fail(f"cast expects {self.params['from']} input, got {d}")
+        dst = self.params["dtype"]
+        for d in dtypes:
+            bad = [x for x in (d, dst) if not can_decode(x)] if d != dst else []
+            if bad:
+                ctx.fail(f"cast from {d} to {dst}: msconv cannot decode or encode {bad[0]} values")
         return list(shapes), [self.params["dtype"]] * len(shapes)
 
     def apply(self, arrays, dtypes, ctx):

@@ -66,6 +66,8 @@ class Source:
         base = os.path.dirname(index)
         by_file: dict[str, set] = {}
         for k, fn in wmap.items():
+            if not isinstance(fn, str) or not fn or os.path.isabs(fn) or ".." in fn.replace("\\", "/").split("/"):
+                raise FormatError(f"{index}: weight_map entry {k!r} -> {fn!r} must be a relative path inside the index's folder (no '..')")
             by_file.setdefault(fn, set()).add(k)
         for fn in sorted(by_file):
             p = os.path.join(base, fn)
@@ -155,10 +157,6 @@ class Source:
 
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
-
-
-def open_source(path) -> Source:
-    return Source(path)
 
 
 def load_file(path) -> dict:

@@ -107,6 +107,8 @@ def as_storage(value) -> tuple[np.ndarray, str]:
                 break
         value = np.asarray(value)
     dt = np_to_st(value)
+    if value.dtype.byteorder == ">":  # safetensors is little-endian: swap the bytes, not the values
+        value = value.astype(value.dtype.newbyteorder("<"))
     if DTYPES[dt][2] is None or value.dtype.name == "bfloat16":
         return value.view(DTYPES[dt][1]), dt
     return value, dt
@@ -122,6 +124,25 @@ def from_storage(arr: np.ndarray, dtype: str, like=None):
     if isinstance(like, np.ndarray) and like.dtype.name == "bfloat16" and dtype == "BF16":
         return np.require(arr, requirements="C").view(like.dtype)
     return RawTensor.from_storage(arr, dtype)
+
+
+def can_decode(dtype: str) -> bool:
+    """Whether msconv can decode `dtype` values (everything but FP8)."""
+    return dtype == "BF16" or DTYPES[dtype][2] is not None
+
+
+def policy_dtype(dtype: str, want: str | None, key: str) -> str:
+    """The dtype a `--dtype` policy (`want`: a POLICY_DTYPES value) gives a tensor of `dtype`: floats are cast,
+    other kinds kept. UserError naming the key when a float cannot be decoded (FP8)."""
+    if not want or DTYPES[dtype][3] != "float" or dtype == want:
+        return dtype
+    if not can_decode(dtype):
+        from .errors import UserError
+
+        policy = {v: k for k, v in POLICY_DTYPES.items()}[want]
+        raise UserError(f"{key}: {dtype} values cannot be cast to {want} (msconv does not decode {dtype}); "
+                        f"use --dtype keep instead of --dtype {policy}")
+    return want
 
 
 def decode(storage: np.ndarray, dtype: str) -> np.ndarray:

@@ -67,13 +67,16 @@ def read_params(src) -> tuple[dict, dict, str]:
 def _to_param(name: str, value, param):
     """A Parameter holding `value` in `param`'s dtype (bf16 raw bytes decoded exactly on the way)."""
     ms = _ms()
-    from converter.tensor import RawTensor, as_storage, decode
+    from converter.tensor import RawTensor, as_storage, can_decode, decode
 
     if isinstance(value, (ms.Parameter, ms.Tensor)):
         t = value if value.dtype == param.dtype else value.astype(param.dtype)
         return ms.Parameter(t, name=name, requires_grad=param.requires_grad)
     if isinstance(value, RawTensor):
-        arr = decode(value.storage(), value.dtype) if value.dtype in ("BF16",) else value.storage()
+        if not can_decode(value.dtype):
+            raise LoadError(f"{name}: {value.dtype} values cannot be loaded (msconv does not decode {value.dtype}; "
+                            "convert the checkpoint to bf16/fp32 first)")
+        arr = decode(value.storage(), value.dtype)
     else:
         st, dt = as_storage(value)
         arr = decode(st, dt) if dt == "BF16" else np.asarray(value)
@@ -81,6 +84,19 @@ def _to_param(name: str, value, param):
     if t.dtype != param.dtype:
         t = t.astype(param.dtype)
     return ms.Parameter(t, name=name, requires_grad=param.requires_grad)
+
+
+def _kind(dtype) -> str:
+    """'float', 'int' or 'bool' of a safetensors dtype name or a MindSpore / numpy dtype."""
+    from converter.tensor import DTYPES
+
+    s = str(dtype)
+    if s in DTYPES:
+        return DTYPES[s][3]
+    s = s.lower()
+    if "bool" in s:
+        return "bool"
+    return "float" if "float" in s else "int" if "int" in s else s
 
 
 def load_strict(net, src) -> None:
@@ -100,8 +116,12 @@ def load_strict(net, src) -> None:
         problems.append(f"{len(unexpected)} unexpected: {', '.join(compress_keys(unexpected)[:4])}")
     if shapes:
         problems.append(f"{len(shapes)} shape mismatch(es): {'; '.join(shapes[:3])}")
+    kinds = [f"{k}: file {inv[k][1]} ({_kind(inv[k][1])}) vs net {params[k].dtype} ({_kind(params[k].dtype)})"
+             for k in sorted(set(params) & set(inv)) if _kind(inv[k][1]) != _kind(params[k].dtype)]
+    if kinds:
+        problems.append(f"{len(kinds)} dtype kind mismatch(es): {'; '.join(kinds[:3])}")
     if problems:
-        detail = [f"missing {k}" for k in missing] + [f"unexpected {k}" for k in unexpected] + shapes
+        detail = [f"missing {k}" for k in missing] + [f"unexpected {k}" for k in unexpected] + shapes + kinds
         raise LoadError(f"{where}: weights do not fit {type(net).__name__}: " + summarize(problems), detail)
     pdict = {k: _to_param(k, values[k], params[k]) for k in params}
     not_loaded, not_used = ms.load_param_into_net(net, pdict, strict_load=True)

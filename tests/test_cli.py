@@ -397,3 +397,107 @@ def test_parity_subcommand_is_mounted(cli):
     res = cli("parity", "--help")
     assert res.exit_code == 0, res.output
     assert "parity" in res.stdout.lower()
+
+
+# -- review fixes -----------------------------------------------------------------------------------------
+def _fp8_source(tmp_path):
+    from converter.tensor import RawTensor
+
+    src = tmp_path / "fp8.safetensors"
+    sd = {k: v for k, v in _state().items()}
+    sd["head.weight"] = RawTensor("F8_E4M3", (3, 8), bytes(range(24)))
+    save_file(sd, src)
+    return src
+
+
+def test_dtype_policy_on_fp8_is_refused_before_writing(cli, qkv, tmp_path):
+    src = _fp8_source(tmp_path)
+    out = tmp_path / "out"
+    res = cli("convert", src, "--mapping", qkv[1], "--out", out, "--dtype", "bf16")
+    _one_line_error(res, "head.weight", "F8_E4M3", "--dtype keep")
+    _nothing_under(out)
+    _one_line_error(cli("convert", src, "--mapping", qkv[1], "--dry-run", "--dtype", "fp32"), "head.weight", "F8_E4M3")
+    res = cli("convert", src, "--mapping", qkv[1], "--out", out)  # keep: copied as bytes
+    assert res.exit_code == 0, res.output
+    with safe_open(str(out / "model.safetensors"), "np") as f:
+        assert "head.weight" in f.keys()
+
+
+def test_format_ckpt_without_mindspore_is_a_user_error(cli, qkv, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "mindspore" else real(n, *a))
+    out = tmp_path / "out"
+    _one_line_error(cli("convert", qkv[0], "--mapping", qkv[1], "--out", out, "--format", "ckpt"), "--format ckpt", "MindSpore")
+    _nothing_under(out)
+
+
+def test_format_ckpt_needs_twice_the_space(cli, qkv, tmp_path, monkeypatch):
+    import converter.engine as eng
+
+    class Usage:
+        free = 3000  # the qkv output is 2400 bytes
+
+    monkeypatch.setattr(eng.shutil, "disk_usage", lambda p: Usage)
+    out = tmp_path / "out"
+    _one_line_error(cli("convert", qkv[0], "--mapping", qkv[1], "--out", out, "--format", "ckpt"),
+                    "not enough disk space", "safetensors + ckpt")
+    _nothing_under(out)
+    assert cli("convert", qkv[0], "--mapping", qkv[1], "--out", out).exit_code == 0
+
+
+def test_ckpt_writer_errors_name_the_file(cli, qkv, tmp_path, monkeypatch):
+    ms = pytest.importorskip("mindspore")
+
+    def broken(*a, **k):
+        raise RuntimeError("protobuf says no\nmore lines")
+
+    monkeypatch.setattr(ms, "save_checkpoint", broken)
+    out = tmp_path / "out"
+    _one_line_error(cli("convert", qkv[0], "--mapping", qkv[1], "--out", out, "--format", "ckpt"),
+                    "model.ckpt", "MindSpore cannot write the checkpoint", "protobuf says no")
+    _nothing_under(out)
+
+
+def test_publish_failure_restores_the_previous_output(tmp_path, monkeypatch):
+    import os
+
+    import converter.engine as eng
+
+    out, staging = tmp_path / "out", tmp_path / ".out.msconv-partial"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    staging.mkdir()
+    real = os.replace
+
+    def failing(a, b):
+        if Path(a) == staging:
+            raise OSError(errno.EIO, "I/O error")
+        real(a, b)
+
+    monkeypatch.setattr(eng.os, "replace", failing)
+    with pytest.raises(OSError):
+        eng._publish(staging, out, overwrite=True)
+    monkeypatch.setattr(eng.os, "replace", real)
+    assert (out / "old.txt").read_text() == "old"
+    assert not (tmp_path / ".out.msconv-old").exists()
+
+
+def test_source_read_errors_name_the_source_file(tmp_path):
+    import os
+
+    from converter.engine import _SourceHasher, _Window
+    from converter.errors import FormatError
+
+    f = tmp_path / "small.bin"
+    f.write_bytes(b"x" * 10)
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        with pytest.raises(FormatError, match=f"{f}: source file shrank during conversion"):
+            _Window(fd, 0, 100, str(f))
+    finally:
+        os.close(fd)
+    h = _SourceHasher([str(tmp_path / "gone.safetensors")])
+    h.run()
+    assert isinstance(h.error, FormatError) and "gone.safetensors: cannot read source file" in str(h.error)

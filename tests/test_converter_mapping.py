@@ -1,6 +1,8 @@
 """The mapping spec: parsing errors, plan validation, each op's math and inverse, include/prefix, vars."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import yaml
@@ -106,6 +108,45 @@ def test_cast_is_explicit_and_only_invertible_with_from():
     assert m2.invert().convert({"x": up})["x"].tobytes() == src.tobytes()
 
 
+def test_fp8_is_never_decoded_silently():
+    from converter.errors import UserError
+
+    fp8 = RawTensor("F8_E4M3", (4,), bytes([1, 2, 3, 4]))
+    m = mk([{"source": "x", "target": "x"}])
+    assert m.convert({"x": fp8})["x"].tobytes() == fp8.tobytes()  # keep: bytes untouched
+    with pytest.raises(UserError, match="x: F8_E4M3 values cannot be cast to BF16"):
+        m.convert({"x": fp8}, dtype="bf16")
+    with pytest.raises(MappingError, match="cannot decode or encode F8_E4M3"):
+        mk([{"source": "x", "target": "x", "ops": [{"cast": {"dtype": "F32"}}]}]).plan({"x": ((4,), "F8_E4M3")})
+
+
+def test_big_endian_arrays_are_written_little_endian(tmp_path):
+    from converter.safetensors_io import save_file
+    from converter.sources import Source
+    from converter.tensor import as_storage
+
+    be = np.arange(6, dtype=">f4").reshape(2, 3)
+    st, dt = as_storage(be)
+    assert dt == "F32" and st.tobytes() == be.astype("<f4").tobytes()
+    assert np.array_equal(mk([{"source": "x", "target": "y"}]).convert({"x": be})["y"], be)
+    save_file({"x": be}, tmp_path / "be.safetensors")
+    assert np.array_equal(Source(tmp_path / "be.safetensors").load()["x"], be)
+
+
+@pytest.mark.parametrize("ops, msg", [
+    ([{"permute_rows": {"head_dim": 4, "convention": "interleaved_to_half", "rows": [0]}}], r"rows is \[first_part, end_part\]"),
+    ([{"permute_rows": {"head_dim": 4, "convention": "interleaved_to_half", "rows": 2}}], "rows must be a list"),
+    ([{"permute_rows": {"head_dim": "8 // 0", "convention": "interleaved_to_half"}}], "division by zero"),
+    ([{"transpose": {"axes": 1}}], "axes must be a list"),
+    ([{"transpose": {"axes": [0]}}], "not a permutation"),
+])
+def test_malformed_ops_are_mapping_errors(ops, msg):
+    with pytest.raises(MappingError, match=msg) as e:
+        mk([{"source": "x", "target": "x", "ops": ops}]).plan({"x": ((), "F32")} if ops[0].get("transpose") == {"axes": [0]}
+                                                               else {"x": ((8, 2), "F32")})
+    assert "rule 1" in str(e.value)  # the file (or mapping) and rule
+
+
 def test_dtype_policy_rounds_like_torch():
     torch = pytest.importorskip("torch")
     x = f32(1000, seed=3) * 100
@@ -205,6 +246,20 @@ def test_vars_are_read_off_shapes():
         m.plan({"w": ((8, 2), "F32")})
 
 
+def test_resolve_vars_public(tmp_path):
+    (tmp_path / "inner.yaml").write_text(yaml.safe_dump({
+        "name": "inner", "vars": {"hd": {"source": "n.s", "target": "n.s", "dim": 0}, "k": 3},
+        "rules": [{"source": "n.{p}", "target": "n.{p}"}]}))
+    (tmp_path / "outer.yaml").write_text(yaml.safe_dump({
+        "name": "outer", "include": [{"mapping": "inner", "prefix": "m."}],
+        "vars": {"w0": {"source": "w", "dim": 1}}, "rules": [{"source": "w", "target": "w"}]}))
+    m = load_mapping(tmp_path / "outer.yaml")
+    assert m.resolve_vars({"m.n.s": ((4,), "F32"), "w": ((2, 5), "F32")}) == {"hd": 4, "k": 3, "w0": 5}
+    assert m.resolve_vars({"m.n.s": (4,), "w": f32(2, 5)}) == {"hd": 4, "k": 3, "w0": 5}  # bare shapes / arrays
+    with pytest.raises(MappingError, match=r"var 'hd' cannot be read: m\.n\.s"):
+        m.resolve_vars({"w": (2, 5)})
+
+
 def test_include_with_prefix(tmp_path):
     (tmp_path / "inner.yaml").write_text(yaml.safe_dump({
         "name": "inner", "vars": {"hd": {"source": "n.s", "target": "n.s", "dim": 0}},
@@ -224,6 +279,33 @@ def test_include_with_prefix(tmp_path):
     (tmp_path / "loop.yaml").write_text(yaml.safe_dump({"name": "loop", "include": [{"mapping": "loop"}]}))
     with pytest.raises(MappingError, match="include cycle"):
         load_mapping(tmp_path / "loop.yaml")
+
+
+def test_include_top_level_inventories_override_and_align_is_inherited(tmp_path):
+    def inv_file(name, keys):
+        (tmp_path / name).write_text(json.dumps({"tensors": [{"key": k, "shape": [2], "dtype": "F32"} for k in keys]}))
+
+    inv_file("inner_src.json", ["w"])
+    inv_file("inner_tgt.json", ["w"])
+    inv_file("own_src.json", ["m.w", "m.extra"])
+    inv_file("own_tgt.json", ["n.w"])
+    (tmp_path / "inner.yaml").write_text(yaml.safe_dump({
+        "name": "inner", "source": {"manifest": "inner_src.json"}, "target": {"inventory": "inner_tgt.json"},
+        "rules": [{"source": "w", "target": "w"}],
+        "align": [{"torch": ["a.{i}", "b.{i}"], "ms": "c.{i}", "concat": -1}, {"torch": "d", "ms": None, "reason": "x"}]}))
+    (tmp_path / "outer.yaml").write_text(yaml.safe_dump({
+        "name": "outer", "include": [{"mapping": "inner", "source_prefix": "m.", "target_prefix": "n."}],
+        "align": [{"torch": "own", "ms": "own"}]}))
+    m = load_mapping(tmp_path / "outer.yaml")
+    assert m.source_manifest() == {"m.w": ((2,), "F32")}  # no own files: the prefixed included ones
+    assert m.align == [{"torch": ["m.a.{i}", "m.b.{i}"], "ms": "n.c.{i}", "concat": -1},
+                       {"torch": "m.d", "ms": None, "reason": "x"}, {"torch": "own", "ms": "own"}]
+    data = yaml.safe_load((tmp_path / "outer.yaml").read_text())
+    data.update(source={"manifest": "own_src.json"}, target={"inventory": "own_tgt.json"})
+    (tmp_path / "outer.yaml").write_text(yaml.safe_dump(data))
+    m = load_mapping(tmp_path / "outer.yaml")
+    assert set(m.source_manifest()) == {"m.w", "m.extra"} and set(m.target_inventory()) == {"n.w"}
+    assert set(m.invert().source_manifest()) == {"n.w"} and set(m.invert().target_inventory()) == {"m.w", "m.extra"}
 
 
 def test_compress_keys():

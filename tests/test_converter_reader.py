@@ -102,3 +102,14 @@ def test_index_listing_a_key_the_shard_lacks(tmp_path):
 def test_empty_directory(tmp_path):
     with pytest.raises(FormatError, match="holds no"):
         Source(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["../s1.safetensors", "/abs/s1.safetensors", "sub/../../s1.safetensors"])
+def test_index_entries_outside_the_folder_are_refused(tmp_path, name):
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    save_file({"a": np.zeros(1, np.float32)}, tmp_path / "s1.safetensors")
+    idx = d / "model.safetensors.index.json"
+    idx.write_text(json.dumps({"weight_map": {"a": name}}))
+    with pytest.raises(FormatError, match=f"{idx}: weight_map entry 'a'"):
+        Source(d)

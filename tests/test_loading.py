@@ -159,3 +159,20 @@ def test_format_ckpt_also_writes_a_mindspore_ckpt(converted, cli, tmp_path):
     for name, p in net.parameters_and_names():
         assert np.array_equal(p.asnumpy(), exp[name]), name
     assert Source(out).inventory().keys() == exp.keys()
+
+
+def test_load_strict_refuses_fp8_and_kind_mismatches(converted):
+    sd, _, _, _ = converted
+    exp = _expected(sd)
+    fp8 = dict(exp)
+    fp8["head.weight"] = RawTensor("F8_E4M3", (3, 8), bytes(24))
+    with pytest.raises(LoadError, match="head.weight: F8_E4M3 values cannot be loaded"):
+        load_strict(Net(), fp8)
+    ints = dict(exp)
+    ints["blk.0.out.bias"] = np.arange(8, dtype=np.int64)
+    with pytest.raises(LoadError, match=r"dtype kind mismatch\(es\): blk.0.out.bias: file I64 \(int\)"):
+        load_strict(Net(), ints)
+    params = {k: ms.Parameter(ms.Tensor(v), name=k) for k, v in exp.items()}
+    params["head.weight"] = ms.Parameter(ms.Tensor(np.zeros((3, 8), np.int32)), name="head.weight")
+    with pytest.raises(LoadError, match="head.weight: file Int32 \\(int\\) vs net Float32"):
+        load_strict(Net(), params)

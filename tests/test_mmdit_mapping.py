@@ -54,20 +54,36 @@ def test_mapping_validates_against_full_manifest(manifest):
     assert m.target_inventory() == inv and m.source_manifest() == src
 
 
-def test_hc_mapping_has_the_v2_rules():
-    """mmdit_opensora_v2_hc.yaml differs from mmdit_opensora_v2.yaml only in name, description, source, target."""
+def test_hc_mapping_includes_the_v2_rules_with_its_own_inventories():
+    """mmdit_opensora_v2_hc.yaml is mmdit_opensora_v2 included, plus its own manifest and target inventory."""
     import yaml
 
-    a = yaml.safe_load((MAPPINGS_DIR / "mmdit_opensora_v2.yaml").read_text())
-    b = yaml.safe_load((MAPPINGS_DIR / "mmdit_opensora_v2_hc.yaml").read_text())
-    for key in ("version", "vars", "rules", "align"):
-        assert a[key] == b[key], key
-    # and the high-compression checkpoint is rejected by the v2 mapping's inventory (img_in is [3072, 128])
     from converter.errors import MappingError
 
+    raw = yaml.safe_load((MAPPINGS_DIR / "mmdit_opensora_v2_hc.yaml").read_text())
+    assert raw["include"] == [{"mapping": "mmdit_opensora_v2"}] and "rules" not in raw and "align" not in raw
+    hc, v2 = load_mapping("mmdit_opensora_v2_hc"), load_mapping("mmdit_opensora_v2")
+    assert [r.spec() for r in hc.rules] == [r.spec() for r in v2.rules]
+    assert all(r.scope.name == "mmdit_opensora_v2" for r in hc.rules)
+    assert hc.align == v2.align
     _, src = _manifest("mmdit_open_sora_v2_video_dc_ae.json")
+    assert hc.source_manifest() == src  # its own files, not the included ones
+    assert hc.target_inventory() == load_inventory(MAPPINGS_DIR / "targets" / "mmdit_opensora_v2_hc.json")
+    assert hc.target_inventory()["img_in.weight"][0] == (3072, 128)
+    plan = hc.plan(src, hc.target_inventory())
+    assert plan.inventory().keys() == hc.target_inventory().keys()
+    assert hc.invert().source_manifest() == hc.target_inventory()
+    # and the high-compression checkpoint is rejected by the v2 mapping's inventory (img_in is [3072, 128])
     with pytest.raises(MappingError, match="img_in.weight"):
-        load_mapping("mmdit_opensora_v2").plan(src, load_mapping("mmdit_opensora_v2").target_inventory())
+        v2.plan(src, v2.target_inventory())
+
+
+def test_v2_linear1_split_sizes_come_from_shapes():
+    """The inverse split of linear1 reads v_mlp's rows off linear2 (no hard-coded mlp_ratio)."""
+    m = load_mapping("mmdit_opensora_v2")
+    for name in ("mmdit_open_sora_v2.json", "mmdit_open_sora_v2_video_dc_ae.json"):
+        _, src = _manifest(name)
+        assert m.resolve_vars(src)["v_mlp_rows"] == src["single_blocks.0.v_mlp.weight"][0][0]
 
 
 def test_mapping_rejects_the_other_layout():

@@ -13,7 +13,7 @@ from converter.mapping import load_mapping
 from opensora_ms.loading import load_strict
 from opensora_ms.models import mmdit as M
 from parity.adapters import mmdit as A
-from parity.align import Aligner, resolve_vars
+from parity.align import Aligner
 from test_mmdit_common import CASES, capture_ms, case_hook, case_hook_names, load_case, rel
 
 
@@ -42,7 +42,7 @@ def test_every_layer_aligned(loaded):
     """PyNative capture of every cell; each capture's reference is built from the case hooks through `align:`;
     every torch hook of the case is compared or explicitly declared unaligned."""
     case, net, mapping = loaded
-    aligner = Aligner(mapping.align, resolve_vars(mapping.scope.vars, {k: v.shape for k, v in case["weights"].items()}))
+    aligner = Aligner(mapping.align, mapping.resolve_vars({k: v.shape for k, v in case["weights"].items()}))
     names = case_hook_names(case)
     acc = capture_ms(net, lambda: M.run(net, case["inputs"]))
     used, worst, compared = set(), (0.0, ""), 0
