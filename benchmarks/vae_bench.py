@@ -45,7 +45,6 @@ def rel(a, b):
 def build_pair(cfg, seed=0):
     import torch
 
-    from opensora_ms.loading import load_strict
     from opensora_ms.models import hunyuan_vae as M
     from parity.adapters import hunyuan_vae as A
 

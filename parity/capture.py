@@ -146,7 +146,7 @@ def module_depth(path: str) -> int:
 
 def compile_pattern(pattern: str) -> re.Pattern:
     """Module path pattern: `{name}` or `*` = one dotted segment, `**` = anything; else literal."""
-    out, i = [], 0
+    out = []
     for tok in re.split(r"(\{[A-Za-z_]\w*\}|\*\*|\*)", pattern):
         if not tok:
             continue

@@ -7,7 +7,6 @@ Exit codes: 0 = pass, 1 = parity failure, 2 = user error (bad case/option, model
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 from typing import List, Optional

@@ -477,7 +477,7 @@ def dump(model: str, config: str | dict, out: str | Path, weights: str | Path | 
         _load_state_strict(tmodel, {k: torch.from_numpy(v) for k, v in w.items()}, f"--weights {weights}")
         wsrc = str(weights)
     else:
-        wsrc = f"seeded by the adapter's build_torch (seed 0): matrices N(0, 1/fan_in), scales 1+0.1N, biases 0.05N"
+        wsrc = "seeded by the adapter's build_torch (seed 0): matrices N(0, 1/fan_in), scales 1+0.1N, biases 0.05N"
     tmodel.eval()
     inp = SafetensorsReader(inputs) if inputs else None
     inp = {k: inp.get(k) for k in inp.keys()} if inp else adapter.make_inputs(cfg, seed)

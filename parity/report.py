@@ -147,7 +147,7 @@ def to_markdown(rep: dict) -> str:
              f"mode `{rep['mode']}`, dtype `{rep['dtype']}`" + (", float64 oracle" if rep.get("oracle") else ""), "",
              f"- {summary_line(rep)}"]
     fd = rep.get("first_divergence")
-    lines.append(f"- First divergence (first tensor over its limit, execution order): "
+    lines.append("- First divergence (first tensor over its limit, execution order): "
                  + (f"`{fd['name']}` ({fd.get('reason') or _fmt(fd.get('max_rel'))})" if fd else "none"))
     lines.append(f"- Rows marked ⚠ are the {NUM_WORST} tensors closest to (or furthest over) their limit.")
     if rep.get("notes"):

@@ -4,7 +4,6 @@ mapping (rename + concat + an explicitly unaligned module) and a toy adapter, al
 from __future__ import annotations
 
 import json
-import sys
 import types
 import xml.etree.ElementTree as ET
 
@@ -17,7 +16,6 @@ from parity import adapters
 from parity.capture import Capture, ModuleFilter, Sink
 from parity.case import Case
 from parity.engine import ReplayOptions, dump, replay
-from parity.tensorio import SafetensorsReader
 
 D = 8
 
@@ -70,8 +68,7 @@ class TToy(tnn.Module):
 
 
 def _ms_classes():
-    import mindspore as ms
-    from mindspore import nn as mnn, ops
+    from mindspore import nn as mnn
 
     class MBlock(mnn.Cell):
         def __init__(self, d):
@@ -211,7 +208,7 @@ def test_perturbed_layer_is_the_first_divergence(toy, tmp_path, framework, mode)
 
 
 def test_reports_are_written_and_valid(toy, tmp_path):
-    rep = replay(toy, ReplayOptions(framework="torch", perturb={"blocks.2.out.bias": 0.5}, report_dir=tmp_path))
+    replay(toy, ReplayOptions(framework="torch", perturb={"blocks.2.out.bias": 0.5}, report_dir=tmp_path))
     j = json.loads((tmp_path / "report.json").read_text())
     for key in ("verdict", "case", "framework", "device", "mode", "dtype", "thresholds", "first_divergence",
                 "tensors", "unaligned", "environment"):

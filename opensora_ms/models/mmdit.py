@@ -23,70 +23,18 @@ Everything goes through `opensora_ms.ops.nn`; this file calls no kernel with a C
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, mint, nn, ops
 
 from ..ops import nn as onn
+from ..configs import MMDiTConfig
 
 __all__ = ["MMDiTConfig", "MMDiTModel", "build", "param_inventory", "jit_forward", "INPUT_NAMES"]
 
 INPUT_NAMES = ("img", "img_ids", "txt", "txt_ids", "timesteps", "y_vec", "cond", "guidance")
-
-
-@dataclass
-class MMDiTConfig:
-    """Upstream's `MMDiTConfig` fields (model.py:39-60); defaults are upstream's dataclass defaults."""
-
-    in_channels: int
-    vec_in_dim: int
-    context_in_dim: int
-    hidden_size: int
-    mlp_ratio: float
-    num_heads: int
-    depth: int
-    depth_single_blocks: int
-    axes_dim: list
-    theta: int
-    qkv_bias: bool
-    guidance_embed: bool
-    cond_embed: bool = False
-    fused_qkv: bool = True
-    grad_ckpt_settings: tuple | None = None
-    use_liger_rope: bool = False
-    patch_size: int = 2
-    from_pretrained: str | None = None
-    cache_dir: str | None = None
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MMDiTConfig":
-        """Build from a config dict; unknown fields raise. `type` (upstream's registry name) must be "flux"."""
-        d = dict(d)
-        typ = d.pop("type", "flux")
-        if typ != "flux":
-            raise ValueError(f"MMDiTConfig: unsupported model type {typ!r} (expected 'flux')")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"MMDiTConfig: unknown field(s) {unknown}")
-        cfg = cls(**d)
-        cfg.axes_dim = list(cfg.axes_dim)
-        return cfg
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def mlp_hidden_dim(self) -> int:
-        return int(self.hidden_size * self.mlp_ratio)
 
 
 def _timestep_freqs(dim: int, max_period: float = 10000.0) -> np.ndarray:

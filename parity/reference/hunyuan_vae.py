@@ -19,14 +19,13 @@ loads strictly and forward hooks carry upstream's names:
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from opensora_ms.configs import AutoEncoder3DConfig
 
 __all__ = [
     "AutoEncoder3DConfig",
@@ -35,49 +34,6 @@ __all__ = [
     "prepare_causal_attention_mask",
     "build",
 ]
-
-
-@dataclass
-class AutoEncoder3DConfig:
-    """Upstream's config dataclass (field names and defaults of ``autoencoder_kl_causal_3d.py``)."""
-
-    from_pretrained: Optional[str] = None
-    act_fn: str = "silu"
-    in_channels: int = 3
-    out_channels: int = 3
-    latent_channels: int = 16
-    layers_per_block: int = 2
-    norm_num_groups: int = 32
-    scale_factor: float = 0.476986
-    shift_factor: float = 0.0
-    time_compression_ratio: int = 4
-    spatial_compression_ratio: int = 8
-    mid_block_add_attention: bool = True
-    block_out_channels: tuple = (128, 256, 512, 512)
-    sample_size: int = 256
-    sample_tsize: int = 64
-    use_slicing: bool = False
-    use_spatial_tiling: bool = False
-    use_temporal_tiling: bool = False
-    tile_overlap_factor: float = 0.25
-    dropout: float = 0.0
-    channel: bool = False
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "AutoEncoder3DConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"AutoEncoder3DConfig: unknown field(s) {unknown}")
-        kw = dict(d)
-        if "block_out_channels" in kw:
-            kw["block_out_channels"] = tuple(kw["block_out_channels"])
-        return cls(**kw)
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["block_out_channels"] = list(d["block_out_channels"])
-        return d
 
 
 # ----------------------------------------------------------------------------------------------------------------
