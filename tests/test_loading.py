@@ -8,7 +8,7 @@ from converter.safetensors_io import save_file
 from converter.sources import Source
 from converter.tensor import RawTensor, encode
 
-ms = pytest.importorskip("mindspore")
+import mindspore as ms  # noqa: E402
 from mindspore import nn  # noqa: E402
 
 from opensora_ms.loading import LoadError, load_strict  # noqa: E402
