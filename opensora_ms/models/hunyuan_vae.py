@@ -11,9 +11,11 @@ frame-causal mask, ``quant_conv``/``post_quant_conv``, diagonal Gaussian posteri
 sampling with *given* noise (RNG streams differ between frameworks), latent scale 0.476986 / shift 0, and spatial +
 temporal tiled encode/decode with upstream's tile sizes, strides and linear blending.
 
-Speed: on CPU, call ``model.set_jit(True)`` (default) — the encoder and decoder then run as ``ms.jit`` graphs
-(one compilation per input shape; tiling reuses the shape of a full tile). Hooks only fire in PyNative:
-``set_jit(False)`` for layer-by-layer capture.
+Execution: by default the encoder and decoder run in PyNative, with each large convolution as a cached per-shape
+graph (the op layer's CPU conv). ``model.set_jit(True)`` runs each of them as one ``ms.jit`` graph instead (one
+compilation per input shape; tiling reuses the shape of a full tile) -- fast on small widths, but at the real
+widths the whole-decoder graph needed more than 24 GB for a (1, 16, 5, 16, 16) latent, so it is opt-in. Hooks only
+fire in PyNative.
 
 Tiling knobs (upstream attribute names; see docs/vae.md): ``use_spatial_tiling``, ``use_temporal_tiling``,
 ``tile_sample_min_size`` (pixels, upstream 256), ``tile_latent_min_size`` (= pixels / 8), ``tile_sample_min_tsize``
@@ -372,7 +374,7 @@ class AutoencoderKLCausal3D(nn.Cell):
         tile_latent_min_size: Optional[int] = None,
         tile_sample_min_tsize: Optional[int] = None,
         tile_latent_min_tsize: Optional[int] = None,
-        jit: bool = True,
+        jit: bool = False,
     ):
         super().__init__()
         cfg = _cfg(config)
