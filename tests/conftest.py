@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,3 +39,15 @@ def cli():
         return runner.invoke(cli_module.app, [str(a) for a in args])
 
     return run
+
+
+def torch_like_state(d=8, blocks=2, seed=0) -> dict:
+    """A small torch-layout state dict (blocks of q/k/v/proj + a head) for converter and loader tests."""
+    rng = np.random.default_rng(seed)
+    sd = {}
+    for i in range(blocks):
+        for n in ("q", "k", "v", "proj"):
+            sd[f"blk.{i}.{n}.weight"] = rng.standard_normal((d, d)).astype(np.float32)
+            sd[f"blk.{i}.{n}.bias"] = rng.standard_normal((d,)).astype(np.float32)
+    sd["head.weight"] = rng.standard_normal((3, d)).astype(np.float32)
+    return sd

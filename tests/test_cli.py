@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from conftest import TINY
+from conftest import TINY, torch_like_state
 from converter.safetensors_io import save_file
 
 TINY_WEIGHTS = sorted(TINY.glob("*.weights.safetensors"))
@@ -31,24 +31,13 @@ rules:
 """
 
 
-def _state(blocks=2, d=8):
-    rng = np.random.default_rng(0)
-    sd = {}
-    for i in range(blocks):
-        for n in ("q", "k", "v", "proj"):
-            sd[f"blk.{i}.{n}.weight"] = rng.standard_normal((d, d)).astype(np.float32)
-            sd[f"blk.{i}.{n}.bias"] = rng.standard_normal((d,)).astype(np.float32)
-    sd["head.weight"] = rng.standard_normal((3, d)).astype(np.float32)
-    return sd
-
-
 @pytest.fixture
 def qkv(tmp_path):
     """(source file, mapping path) for the small fused-qkv case."""
     mp = tmp_path / "qkv_test.yaml"
     mp.write_text(QKV_YAML.format(name="qkv_test"))
     src = tmp_path / "src.safetensors"
-    save_file(_state(), src)
+    save_file(torch_like_state(), src)
     return src, mp
 
 
@@ -177,7 +166,7 @@ def test_unknown_mapping_name(cli, qkv, tmp_path):
 
 # -- mapping does not fit ------------------------------------------------------------------------------------
 def test_keys_the_mapping_does_not_know(cli, qkv, tmp_path):
-    sd = _state()
+    sd = torch_like_state()
     sd["blk.0.q_norm.weight"] = np.ones(8, np.float32)
     src = tmp_path / "extra.safetensors"
     save_file(sd, src)
@@ -188,7 +177,7 @@ def test_keys_the_mapping_does_not_know(cli, qkv, tmp_path):
 
 
 def test_keys_the_mapping_needs_but_are_absent(cli, qkv, tmp_path):
-    sd = _state()
+    sd = torch_like_state()
     del sd["blk.1.k.weight"]
     src = tmp_path / "nok.safetensors"
     save_file(sd, src)
@@ -200,14 +189,14 @@ def test_keys_the_mapping_needs_but_are_absent(cli, qkv, tmp_path):
 
 def test_target_absent_names_the_needed_source_key(cli, qkv, tmp_path):
     """With a target inventory, a target nobody produces names the source key that would produce it."""
-    sd = _state()
+    sd = torch_like_state()
     del sd["head.weight"]
     src = tmp_path / "nohead.safetensors"
     save_file(sd, src)
     tinv = tmp_path / "targets.json"
     from converter.mapping import load_mapping
 
-    full = load_mapping(qkv[1]).plan({k: (v.shape, "F32") for k, v in _state().items()}).inventory()
+    full = load_mapping(qkv[1]).plan({k: (v.shape, "F32") for k, v in torch_like_state().items()}).inventory()
     tinv.write_text(json.dumps({"tensors": [{"key": k, "shape": list(s), "dtype": d} for k, (s, d) in full.items()]}))
     out = tmp_path / "out"
     res = cli("convert", src, "--mapping", qkv[1], "--out", out, "--target-inventory", tinv)
@@ -218,7 +207,7 @@ def test_target_absent_names_the_needed_source_key(cli, qkv, tmp_path):
 def test_shape_mismatch(cli, qkv, tmp_path):
     from converter.mapping import load_mapping
 
-    full = load_mapping(qkv[1]).plan({k: (v.shape, "F32") for k, v in _state().items()}).inventory()
+    full = load_mapping(qkv[1]).plan({k: (v.shape, "F32") for k, v in torch_like_state().items()}).inventory()
     full["blk.1.qkv.weight"] = ((24, 9), "F32")
     tinv = tmp_path / "targets.json"
     tinv.write_text(json.dumps({"tensors": [{"key": k, "shape": list(s), "dtype": d} for k, (s, d) in full.items()]}))
@@ -229,7 +218,7 @@ def test_shape_mismatch(cli, qkv, tmp_path):
 
 
 def test_concat_shape_mismatch_between_sources(cli, qkv, tmp_path):
-    sd = _state()
+    sd = torch_like_state()
     sd["blk.0.v.weight"] = np.zeros((8, 7), np.float32)
     src = tmp_path / "badv.safetensors"
     save_file(sd, src)
@@ -242,7 +231,7 @@ def test_concat_shape_mismatch_between_sources(cli, qkv, tmp_path):
 def test_two_rules_producing_one_target(cli, qkv, tmp_path):
     mp = tmp_path / "twice.yaml"
     mp.write_text(QKV_YAML.format(name="twice") + '  - {source: "blk.{i}.extra.{p}", target: "blk.{i}.out.{p}"}\n')
-    sd = _state()
+    sd = torch_like_state()
     sd["blk.0.extra.weight"] = np.zeros((8, 8), np.float32)
     src = tmp_path / "twice.safetensors"
     save_file(sd, src)
@@ -366,7 +355,7 @@ def test_dry_run_prints_compressed_plan_and_writes_nothing(cli, qkv, tmp_path):
     assert not out.exists()
     res = cli("convert", qkv[0], "--mapping", qkv[1], "--dry-run", "--json")
     info = json.loads(res.stdout)
-    assert info["targets"] == 9 and info["bytes"] == sum(v.nbytes for v in _state().values())
+    assert info["targets"] == 9 and info["bytes"] == sum(v.nbytes for v in torch_like_state().values())
 
 
 def test_convert_json_and_sharding(cli, qkv, tmp_path):
@@ -404,7 +393,7 @@ def _fp8_source(tmp_path):
     from converter.tensor import RawTensor
 
     src = tmp_path / "fp8.safetensors"
-    sd = {k: v for k, v in _state().items()}
+    sd = {k: v for k, v in torch_like_state().items()}
     sd["head.weight"] = RawTensor("F8_E4M3", (3, 8), bytes(range(24)))
     save_file(sd, src)
     return src

@@ -8,6 +8,7 @@ from converter.safetensors_io import save_file
 from converter.sources import Source
 from converter.tensor import RawTensor, encode
 
+from conftest import torch_like_state  # noqa: E402
 import mindspore as ms  # noqa: E402
 from mindspore import nn  # noqa: E402
 
@@ -44,17 +45,6 @@ class Net(nn.Cell):
         for b in self.blk:
             x = b(x)
         return self.head(x)
-
-
-def torch_like_state(d=8, blocks=2, seed=0):
-    rng = np.random.default_rng(seed)
-    sd = {}
-    for i in range(blocks):
-        for n in ("q", "k", "v", "proj"):
-            sd[f"blk.{i}.{n}.weight"] = rng.standard_normal((d, d)).astype(np.float32)
-            sd[f"blk.{i}.{n}.bias"] = rng.standard_normal((d,)).astype(np.float32)
-    sd["head.weight"] = rng.standard_normal((3, d)).astype(np.float32)
-    return sd
 
 
 @pytest.fixture
