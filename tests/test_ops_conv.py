@@ -111,3 +111,98 @@ def test_group_norm_cell():
 def test_conv3d_cell_names():
     c = oc.Conv3d(4, 6, 3, bias=True)
     assert [(n, tuple(p.shape)) for n, p in c.parameters_and_names()] == [("weight", (6, 4, 3, 3, 3)), ("bias", (6,))]
+
+
+# (x shape, weight shape, pad (W_l, W_r, H_t, H_b, T_f, T_b), mode): the fused F.pad of the causal convs,
+# incl. few output channels (every tap on the GEMM's output side) and pads as large as the kernel allows
+FUSED_CASES = [
+    ((1, 8, 5, 6, 7), (16, 8, 3, 3, 3), (1, 1, 1, 1, 2, 0), "replicate"),
+    ((2, 32, 3, 5, 4), (2, 32, 3, 3, 3), (1, 1, 1, 1, 2, 0), "replicate"),
+    ((1, 4, 1, 4, 5), (6, 4, 3, 3, 3), (1, 1, 1, 1, 2, 0), "replicate"),
+    ((1, 5, 4, 5, 6), (7, 5, 3, 3, 3), (2, 0, 0, 2, 1, 2), "constant"),
+    ((1, 5, 4, 5, 6), (7, 5, 3, 3, 3), (2, 0, 0, 2, 1, 2), "replicate"),
+    ((1, 4, 3, 4, 4), (5, 4, 3, 3, 3), (3, 3, 1, 1, 2, 0), "replicate"),  # pad >= kernel: materialised first
+]
+
+
+def f_conv_pad(x, w, b, pads, mode):
+    return oc.conv3d(x, w, b, pad=pads, pad_mode=mode)
+
+
+@pytest.mark.parametrize("budget", [None, 1])
+@pytest.mark.parametrize("mode", ["pynative", "jit"])
+@pytest.mark.parametrize("xs,ws,pads,pad_mode", FUSED_CASES)
+def test_conv3d_fused_pad_matches_torch(xs, ws, pads, pad_mode, mode, budget):
+    """conv3d(pad=, pad_mode=) == torch F.pad then F.conv3d, whole and in one-row slabs (budget 1)."""
+    x, w, b = r(*xs), r(*ws), r(ws[0])
+    want = F.conv3d(F.pad(torch.from_numpy(x), pads, mode=pad_mode), torch.from_numpy(w), torch.from_numpy(b)).numpy()
+    fn = ms.jit(f_conv_pad) if mode == "jit" else f_conv_pad
+    old = oc.get_cpu_conv_budget()
+    try:
+        if budget:
+            oc.set_cpu_conv_budget(budget)
+        got = fn(Tensor(x), Tensor(w), Tensor(b), pads, pad_mode).asnumpy()
+    finally:
+        oc.set_cpu_conv_budget(old)
+    assert got.shape == want.shape
+    assert rel(got, want) <= 1e-5
+
+
+def test_fused_path_choice():
+    """Few output channels put every tap on the GEMM's output side (no im2col columns)."""
+    assert oc._taps_on_output(32, 2, (3, 3, 3)) and oc._taps_on_output(128, 3, (3, 3, 3))
+    assert not oc._taps_on_output(128, 128, (3, 3, 3)) and not oc._taps_on_output(16, 512, (3, 3, 3))
+
+
+def test_conv3d_bad_pad_is_a_clear_error():
+    x, w = Tensor(r(1, 2, 3, 4, 4)), Tensor(r(2, 2, 3, 3, 3))
+    with pytest.raises(ValueError, match="pad must be 6"):
+        oc.conv3d(x, w, pad=(1, 1))
+    with pytest.raises(ValueError, match="pad_mode"):
+        oc.conv3d(x, w, pad=(1,) * 6, pad_mode="reflect")
+
+
+def test_pad_constant_value():
+    x = r(1, 2, 3, 4, 5)
+    got = oc.pad(Tensor(x), (1, 2, 0, 1, 2, 0), mode="constant", value=1.5).asnumpy()
+    want = F.pad(torch.from_numpy(x), (1, 2, 0, 1, 2, 0), mode="constant", value=1.5).numpy()
+    assert np.array_equal(got, want)
+
+
+def torch_causal_upsample(x, f):
+    first = F.interpolate(x[:, :, :1], scale_factor=(1, f[1], f[2]), mode="nearest")
+    if x.shape[2] == 1:
+        return first
+    return torch.cat([first, F.interpolate(x[:, :, 1:], scale_factor=f, mode="nearest")], 2)
+
+
+@pytest.mark.parametrize("budget", [None, 1])
+@pytest.mark.parametrize("mode", ["pynative", "jit"])
+@pytest.mark.parametrize("xs,ws,up,pad_mode", [
+    ((1, 6, 3, 4, 5), (8, 6, 3, 3, 3), (2, 2, 2), "replicate"),
+    ((1, 6, 1, 4, 3), (8, 6, 3, 3, 3), (2, 2, 2), "replicate"),
+    ((2, 5, 2, 3, 4), (4, 5, 3, 3, 3), (1, 2, 2), "replicate"),
+    ((1, 16, 3, 4, 4), (2, 16, 3, 3, 3), (2, 1, 2), "replicate"),
+    ((1, 4, 3, 3, 4), (5, 4, 3, 3, 3), (2, 2, 2), "constant"),
+])
+def test_conv3d_fused_upsample_matches_torch(xs, ws, up, pad_mode, mode, budget):
+    """conv3d(upsample=, pad=) == torch causal nearest upsampling (frame 0 in H, W only), F.pad, F.conv3d."""
+    x, w, b = r(*xs), r(*ws), r(ws[0])
+    pads = (1, 1, 1, 1, 2, 0)
+    xt = torch_causal_upsample(torch.from_numpy(x), up)
+    want = F.conv3d(F.pad(xt, pads, mode=pad_mode), torch.from_numpy(w), torch.from_numpy(b)).numpy()
+
+    def f(x_, w_, b_):
+        return oc.conv3d(x_, w_, b_, pad=pads, pad_mode=pad_mode, upsample=up)
+
+    fn = ms.jit(f) if mode == "jit" else f
+    old = oc.get_cpu_conv_budget()
+    try:
+        if budget:
+            oc.set_cpu_conv_budget(budget)
+        got = fn(Tensor(x), Tensor(w), Tensor(b)).asnumpy()
+    finally:
+        oc.set_cpu_conv_budget(old)
+    assert got.shape == want.shape
+    assert rel(got, want) <= 1e-5
+    assert np.array_equal(oc.upsample_causal_nearest(Tensor(x), up).asnumpy(), xt.numpy())

@@ -32,7 +32,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, mint, nn, ops
 
-from opensora_ms.ops.conv import Conv3d, GroupNorm, interpolate_nearest, pad
+from opensora_ms.ops.conv import Conv3d, GroupNorm
 from opensora_ms.ops.nn import Identity, Linear, SiLU, attention
 from opensora_ms.configs import AutoEncoder3DConfig
 
@@ -76,32 +76,27 @@ class CausalConv3d(nn.Cell):
         super().__init__()
         k = int(kernel_size)
         self.time_causal_padding = (k // 2, k // 2, k // 2, k // 2, k - 1, 0)  # W, H, T
-        self.needs_pad = k > 1
-        self.conv = Conv3d(chan_in, chan_out, k, stride=stride, bias=bias)
+        # the replicate pad is the conv cell's own (fused into the CPU kernel); torch pads before calling it
+        pad = self.time_causal_padding if k > 1 else None
+        self.conv = Conv3d(chan_in, chan_out, k, stride=stride, bias=bias, pad=pad, pad_mode="replicate")
 
     def construct(self, x):
-        if self.needs_pad:
-            x = pad(x, self.time_causal_padding, mode="replicate")
         return self.conv(x)
 
 
 class UpsampleCausal3D(nn.Cell):
+    """Nearest upsampling (frame 0 in H, W only) then a causal conv; the op layer fuses the upsampling and the
+    replicate padding into the conv (the conv cell takes the low-resolution input, its output is torch's)."""
+
     def __init__(self, channels, out_channels=None, upsample_factor=(2, 2, 2)):
         super().__init__()
         self.channels = channels
         self.out_channels = out_channels or channels
         self.upsample_factor = tuple(int(f) for f in upsample_factor)
         self.conv = CausalConv3d(self.channels, self.out_channels, kernel_size=3)
+        self.conv.conv.upsample = self.upsample_factor
 
     def construct(self, x):
-        t = x.shape[2]
-        first = mint.narrow(x, 2, 0, 1).squeeze(2)
-        first = interpolate_nearest(first, self.upsample_factor[1:]).unsqueeze(2)  # frame 0: H, W only
-        if t > 1:
-            rest = interpolate_nearest(mint.narrow(x, 2, 1, t - 1), self.upsample_factor)
-            x = mint.cat((first, rest), 2)
-        else:
-            x = first
         return self.conv(x)
 
 

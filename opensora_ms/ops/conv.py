@@ -1,36 +1,42 @@
 """Convolution, padding, nearest interpolation and group norm for the op layer, plus torch-named cells.
 
-CPU (fp32) notes — why this file exists (see ../shared/notes/mindspore-cpu.md §0.5, §5):
+CPU (fp32) notes — why this file exists (see ../shared/notes/mindspore-cpu.md §0.5, §5; measurements in docs/vae.md):
 
 * MindSpore 2.10's CPU ``Conv3D`` runs oneDNN's reference kernel on plain NCDHW layouts and is ~100x slower than
-  torch. ``conv3d`` here rewrites a k x k x k convolution as GEMMs over **slabs** (blocks of output frames x
-  output rows, sized so one slab's im2col columns stay below ``set_cpu_conv_budget`` bytes, default 256 MiB: the
-  working set of one conv is input + output + one slab's columns):
+  torch; its GEMM (``MatMul`` inside an ``ms.jit`` graph) runs at ~400 GFLOP/s, torch's direct conv at ~450.
+  ``conv3d`` here is GEMMs over **slabs** of output frames (and rows, when one frame exceeds
+  ``set_cpu_conv_budget`` bytes, default 512 MiB: the extra memory of one slab):
 
-  - **stride 1** ("shifted-window im2col"): the slab is flattened per channel over (T, H, W); output position p
-    (padded coordinates) of tap (a, b, c) reads input position p + a*H*W + b*W + c, so each tap is a
-    *contiguous* window (cheap memcpy, unlike strided gathers). The columns are stacked hierarchically — the kw
-    W-shifts, then kh H-shifts of that, then kt T-shifts — three concats, one GEMM with K = 27*C_in. Positions in
-    the right/bottom padding are garbage and cropped.
+  - **stride 1** (every conv of the VAE decoder): each slab *gathers* its own padded input rows from the unpadded
+    input (int32 row indices: clamped indices are replicate padding, repeated ones nearest upsampling in T and H),
+    so neither the padded nor the upsampled tensor is ever materialised (``ops.pad`` costs ~15 copies, a
+    PyNative slice is a view whose later copy is ~15x slower than a graph's). The slab is flattened over
+    (T, H, W); tap (a, b, c) of output position p reads position p + a*S + b*Wp + c, a *contiguous* window. The
+    (T, W) windows are stacked as im2col columns (K = kt*kw*C_in) and one GEMM yields kh partial outputs that
+    are summed shifted by b*Wp (3x fewer columns than full im2col, no halo frames in the GEMM). For few output
+    channels (conv_out to RGB) every tap goes to the output side: one GEMM of the flat input, 27 shifted reads.
   - **stride > 1**: kt*kh*kw strided slices of the slab are concatenated -> one GEMM.
   - **1 x 1 x 1**: a single matmul.
 
   Slabs of equal shape share one cached ``ms.jit`` graph (``set_cpu_conv_jit``: graphs for convs >= 5e8 FLOPs,
-  op-by-op PyNative below, where compiling would cost more than it saves). All paths match ``ops.conv3d`` to
-  ~1e-6 relative in fp32 (tests/test_ops_conv.py). Measured speed: ~2x torch's oneDNN direct conv for large
-  layers (MindSpore's fp32 GEMM reaches about half the throughput of torch's AVX-512 conv kernel on the test CPU),
-  more for small slabs (docs/vae.md).
-* ``pad``: ``ops.pad`` (``mint`` replicate/reflect pad SEGFAULTs under jit on CPU).
-* ``interpolate_nearest``: integer scale factors only, via broadcast + reshape (exactly torch's ``nearest``).
+  op-by-op PyNative below, where compiling would cost more than it saves). A compiled graph keeps its
+  intermediate buffers, so the graphs' memory grows with the number of distinct slab shapes (docs/vae.md). All
+  paths match torch / ``ops.conv3d`` to ~1e-6 relative in fp32 (tests/test_ops_conv.py).
+* ``pad``: constant / replicate by one concatenation per axis (``mint`` replicate pad SEGFAULTs under jit on CPU,
+  ``ops.pad`` is slow).
+* ``interpolate_nearest`` / ``upsample_causal_nearest``: integer factors, via broadcast + reshape (exactly torch's
+  ``nearest``); ``conv3d(upsample=...)`` fuses the causal one into the conv.
 * ``group_norm``: ``mint.nn.functional.group_norm`` (CPU and Ascend).
 
-Ascend (bf16; **not verified on hardware**): ``mint.nn.functional.conv3d`` / ``pad`` / ``group_norm``.
+Ascend (bf16; **not verified on hardware**): ``mint.nn.functional.conv3d`` / ``pad`` / ``group_norm``, with the
+upsampling and padding applied before the conv.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import mindspore as ms
-from mindspore import Parameter, mint, nn, ops
+from mindspore import Parameter, Tensor, mint, nn, ops
 from mindspore.common.initializer import initializer
 
 from .device import IS_CPU
@@ -39,6 +45,7 @@ __all__ = [
     "conv3d",
     "pad",
     "interpolate_nearest",
+    "upsample_causal_nearest",
     "group_norm",
     "set_cpu_conv_budget",
     "set_cpu_conv_jit",
@@ -47,7 +54,7 @@ __all__ = [
     "GroupNorm",
 ]
 
-_BUDGET = [256 * 1024**2]  # bytes of im2col columns per slab (CPU path)
+_BUDGET = [512 * 1024**2]  # bytes of one conv slab's buffers (CPU path)
 _USE_JIT = ["auto"]  # CPU conv3d as a cached per-shape ms.jit graph: True / False / "auto" (by work size)
 _JIT_MIN_FLOPS = [5e8]
 
@@ -65,7 +72,8 @@ def set_cpu_conv_jit(mode="auto", min_flops: float | None = None) -> None:
 
 
 def set_cpu_conv_budget(nbytes: int) -> None:
-    """Bytes of im2col columns one chunk of the CPU conv3d may hold (bounds its extra memory)."""
+    """Bytes one slab of the CPU conv3d may hold (padded copies, columns, GEMM output): bounds a conv's extra
+    memory; larger slabs are faster (fewer, bigger GEMMs) and each cached slab graph keeps about this much."""
     _BUDGET[0] = int(max(nbytes, 1))
 
 
@@ -85,16 +93,61 @@ def _triple(v):
 # functionals
 # ----------------------------------------------------------------------------------------------------------------
 
+_mm = ops.MatMul()  # the primitive: in PyNative far cheaper to dispatch than mint.matmul on CPU
+_slice = ops.Slice()  # primitive slice (Tensor.__getitem__ costs milliseconds per call in PyNative)
+_strided = ops.StridedSlice()
+_addn = ops.AddN()
+_gather = ops.Gather()
+
+
+def _edge(x, axis, start, count, mode, value):
+    """`count` copies of x's slice `start` along `axis` (replicate), or a block of `value` of that shape."""
+    shape = list(x.shape)
+    shape[axis] = 1
+    if mode == "replicate":
+        begin = [0] * len(shape)
+        begin[axis] = start
+        e = _slice(x, tuple(begin), tuple(shape))
+    else:
+        e = ops.fill(x.dtype, tuple(shape), value)
+    if count == 1:
+        return e
+    shape[axis] = count
+    return mint.broadcast_to(e, tuple(shape))
+
+
+def _pad_axis(x, axis, before, after, mode, value=0.0):
+    """Pad one axis by one concatenation (a single copy of x; ``ops.pad`` costs ~15 copies on CPU)."""
+    if before == 0 and after == 0:
+        return x
+    parts = []
+    if before:
+        parts.append(_edge(x, axis, 0, before, mode, value))
+    parts.append(x)
+    if after:
+        parts.append(_edge(x, axis, x.shape[axis] - 1, after, mode, value))
+    return ops.concat(parts, axis)
+
+
+def _pad_cpu(x, pads, mode, value=0.0):
+    for i in range(len(pads) // 2):
+        x = _pad_axis(x, x.ndim - 1 - i, pads[2 * i], pads[2 * i + 1], mode, value)
+    return x
+
 
 def pad(x, pads, mode="constant", value=0.0):
-    """torch.nn.functional.pad: `pads` from the last axis backwards ((W_l, W_r, H_t, H_b, T_f, T_b) for 5-D)."""
+    """torch.nn.functional.pad: `pads` from the last axis backwards ((W_l, W_r, H_t, H_b, T_f, T_b) for 5-D).
+    CPU: "constant" and "replicate" are one concatenation per padded axis; other modes use ``ops.pad``."""
+    pads = tuple(int(p) for p in pads)
     if IS_CPU:
+        if mode in ("constant", "replicate") and min(pads) >= 0:
+            return _pad_cpu(x, pads, mode, value)
         if mode == "constant":
-            return ops.pad(x, tuple(pads), mode="constant", value=value)
-        return ops.pad(x, tuple(pads), mode=mode)
+            return ops.pad(x, pads, mode="constant", value=value)
+        return ops.pad(x, pads, mode=mode)
     if mode == "constant":
-        return mint.nn.functional.pad(x, tuple(pads), mode="constant", value=value)
-    return mint.nn.functional.pad(x, tuple(pads), mode=mode)
+        return mint.nn.functional.pad(x, pads, mode="constant", value=value)
+    return mint.nn.functional.pad(x, pads, mode=mode)
 
 
 def interpolate_nearest(x, scale_factor):
@@ -118,13 +171,23 @@ def interpolate_nearest(x, scale_factor):
     return y.reshape(final)
 
 
+def upsample_causal_nearest(x, factor):
+    """Nearest upsampling of (B, C, T, H, W) by integer (ft, fh, fw) where frame 0 is upsampled in H, W only
+    (the causal VAE's upsampler): 1 + ft*(T-1) frames."""
+    ft, fh, fw = (int(f) for f in factor)
+    t = x.shape[2]
+    first = interpolate_nearest(_slice(x, (0, 0, 0, 0, 0), (x.shape[0], x.shape[1], 1, x.shape[3], x.shape[4])),
+                                (1, fh, fw))
+    if t == 1:
+        return first
+    rest = _slice(x, (0, 0, 1, 0, 0), (x.shape[0], x.shape[1], t - 1, x.shape[3], x.shape[4]))
+    return ops.concat((first, interpolate_nearest(rest, (ft, fh, fw))), 2)
+
+
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
     return mint.nn.functional.group_norm(x, num_groups, weight, bias, eps)
 
 
-_mm = ops.MatMul()  # the primitive: in PyNative far cheaper to dispatch than mint.matmul on CPU
-_slice = ops.Slice()  # primitive slice (Tensor.__getitem__ costs milliseconds per call in PyNative)
-_strided = ops.StridedSlice()
 
 
 def _conv_1x1(x, weight, bias):
@@ -145,42 +208,144 @@ def _conv_1x1(x, weight, bias):
     return y.reshape((b, co) + tuple(sp))
 
 
-def _shift_stack(xb, rows, offsets, n):
-    """Row block k of the result = xb[:, off_k : off_k + n] (xb has `rows` rows)."""
-    if len(offsets) == 1:
-        return _slice(xb, (0, offsets[0]), (rows, n))
-    return ops.concat([_slice(xb, (0, o), (rows, n)) for o in offsets], 0)
+def _taps_on_output(ci, co, k):
+    """True when putting every tap on the GEMM's output side moves less data than the (T, W)-tap columns
+    (few output channels, e.g. the decoder's conv_out to RGB)."""
+    kt, kh, kw = k
+    return 2 * kt * kh * kw * co < kt * kw * ci + 2 * kh * co
 
 
-def _slab_s1(x, weight, bias):
-    """Valid stride-1 conv of a whole (slab-sized) padded input with one im2col GEMM.
+def _s1_weight(weight, full):
+    """The stride-1 GEMM's weight: rows (H tap, C_out) x columns (T tap, W tap, C_in), or, with every tap on the
+    output side, rows (T, H, W tap, C_out) x columns C_in."""
+    co, ci, kt, kh, kw = weight.shape
+    if full:
+        return weight.transpose(2, 3, 4, 0, 1).reshape(kt * kh * kw * co, ci)
+    return weight.transpose(3, 0, 2, 4, 1).reshape(kh * co, kt * kw * ci)
 
-    The (T, H, W) axes are flattened; output position p (padded coordinates) of tap (a, b, c) reads input position
-    p + a*H*W + b*W + c, so the columns are contiguous shifted windows, stacked hierarchically (W taps, then H,
-    then T: three concats). Positions in the right/bottom padding are garbage and cropped."""
-    bsz, ci, tp, hp, wp = x.shape
-    co, _, kt, kh, kw = weight.shape
-    to, ho, wo = tp - kt + 1, hp - kh + 1, wp - kw + 1
+
+def _slab_s1(x, rows, hp, wz, bias, wpad, fw, k, full):
+    """Stride-1 valid conv of one slab of the padded input.
+
+    `x` (C_in, T*H, W) is the whole input; `rows` (int32) lists, frame by frame, the input rows (t*H + h) of the
+    slab's padded frames -- indices clamped to the edge give replicate padding, and repeated indices nearest
+    upsampling, in T and H for free -- plus one spare frame; `fw` upsamples W (broadcast), `wpad` (W_l, W_r) is
+    replicated by concatenation. The slab is flattened over (T, H, W): output
+    position p of tap (a, b, c) reads position p + a*S + b*Wp + c (S = Hp*Wp), so every tap is a *contiguous*
+    shifted window. Default: the (a, c) windows are stacked as im2col columns (K = kt*kw*C_in), one GEMM gives kh
+    partial outputs (rows (b, C_out)) and the b-th is read shifted by b*Wp -- 3x fewer copied columns than full
+    im2col and no halo frames in the GEMM. With every tap on the output side (`full`) there are no columns: one
+    GEMM of the flat slab, then kt*kh*kw shifted reads. Windows running past the last frame read the spare frame;
+    all such positions (right/bottom padding) are garbage and cropped."""
+    kt, kh, kw = k
+    ci, _, w = x.shape
+    tq = rows.shape[0] // hp  # padded frames + the spare one
+    xs = _gather(x, rows, 1)  # (C_in, tq * Hp, W)
+    if fw > 1:  # nearest upsampling along W (T and H are in `rows`)
+        xs = mint.broadcast_to(xs.reshape(ci, tq * hp, w, 1), (ci, tq * hp, w, fw)).reshape(ci, tq * hp, w * fw)
+        w = w * fw
+    xs = _pad_axis(xs, 2, wpad[0], wpad[1], "replicate")  # (C_in, tq * Hp, Wp)
+    wp = w + wpad[0] + wpad[1]
     s = hp * wp
+    to, ho, wo = tq - kt, hp - kh + 1, wp - kw + 1
     n = to * s
-    tail = (kh - 1) * wp + (kw - 1)
-    xf = x.reshape(bsz, ci, tp * s)
-    if tail > 0:
-        xf = ops.pad(xf, (0, tail))
-    w_all = weight.transpose(0, 2, 3, 4, 1).reshape(co, kt * kh * kw * ci)  # columns ordered (a, b, c, ci)
-    ys = []
-    for i in range(bsz):
-        xb = xf[i] if bsz > 1 else xf.reshape(ci, tp * s + tail)
-        x3 = _shift_stack(xb, ci, list(range(kw)), n + (kt - 1) * s + (kh - 1) * wp)
-        x9 = _shift_stack(x3, kw * ci, [bb * wp for bb in range(kh)], n + (kt - 1) * s)
-        x27 = _shift_stack(x9, kh * kw * ci, [a * s for a in range(kt)], n)
-        ys.append(_mm(w_all, x27))
-    y = ys[0].reshape(1, co, to, hp, wp) if bsz == 1 else ops.stack(ys, 0).reshape(bsz, co, to, hp, wp)
-    if ho != hp or wo != wp:
-        y = _slice(y, (0, 0, 0, 0, 0), (bsz, co, to, ho, wo))
+    co = wz.shape[0] // (kt * kh * kw) if full else wz.shape[0] // kh
+    xf = xs.reshape(ci, tq * s)
+    outs = []
+    if full:
+        z = _mm(wz, xf)
+        for a in range(kt):
+            for bb in range(kh):
+                for c in range(kw):
+                    outs.append(_slice(z, (((a * kh + bb) * kw + c) * co, a * s + bb * wp + c), (co, n)))
+    else:
+        length = n + (kh - 1) * wp
+        cols = []
+        for a in range(kt):
+            for c in range(kw):
+                cols.append(_slice(xf, (0, a * s + c), (ci, length)))
+        z = _mm(wz, cols[0] if len(cols) == 1 else ops.concat(cols, 0))
+        for bb in range(kh):
+            outs.append(_slice(z, (bb * co, bb * wp), (co, n)))
+    y = outs[0] if len(outs) == 1 else _addn(outs)
+    y = _slice(y.reshape(co, to, hp, wp), (0, 0, 0, 0), (co, to, ho, wo))
     if bias is not None:
-        y = y + bias.reshape(1, co, 1, 1, 1)
+        y = y + bias.reshape(co, 1, 1, 1)
     return y
+
+
+_slab_s1_jit = ms.jit(_slab_s1)
+
+
+def _s1_frame_bytes(ci, co, k, rows, wp, full):
+    """Memory of one output frame of `rows` output rows: padded copies, columns, GEMM output, shifted reads."""
+    kt, kh, kw = k
+    pos = (rows + kh - 1) * wp
+    per = 3 * ci + 2 * kt * kh * kw * co + 2 * co if full else 3 * ci + kt * kw * ci + 2 * kh * co + 2 * co
+    return 4 * pos * per
+
+
+def _splits(total, size):
+    """[(start, count)] of `total` in near-equal chunks of at most `size` (few distinct shapes = few graphs)."""
+    n = -(-total // max(size, 1))
+    size = -(-total // n)
+    return [(i, min(size, total - i)) for i in range(0, total, size)]
+
+
+def _slab_rows(t, h, f0, nf, g0, nh, up):
+    """int32 row indices (t*H + h) of the input for padded frames f0.. (nf of them, + a spare) x padded rows g0..
+    (nh) of the (upsampled) input: clamping is replicate padding, integer division nearest upsampling (`up` =
+    (ft, fh), frame 0 not repeated in time)."""
+    ft, fh = up
+    fr = np.clip(np.arange(f0, f0 + nf + 1), 0, 1 + ft * (t - 1) - 1)
+    fr[-1] = fr[-2]  # the spare frame
+    if ft > 1:
+        fr = np.where(fr == 0, 0, 1 + (fr - 1) // ft)
+    hr = np.clip(np.arange(g0, g0 + nh), 0, h * fh - 1) // fh
+    return Tensor((fr[:, None] * h + hr[None, :]).reshape(-1).astype(np.int32))
+
+
+def _conv_s1(x, weight, bias, pads, mode, up, budget, use_jit):
+    """Stride-1 conv of `x` causally nearest-upsampled by `up` (ft, fh, fw), then padded by `pads` (F.pad order) in
+    `mode`, in slabs of output frames (and rows when one frame exceeds `budget` bytes); each slab gathers its own
+    upsampled, padded input (replicate padding by clamped indices; zero padding is applied to the whole input
+    first)."""
+    if mode == "constant" and any(pads):
+        if up != (1, 1, 1):
+            x, up = upsample_causal_nearest(x, up), (1, 1, 1)
+        x = _pad_cpu(x, pads, "constant")
+        pads = (0,) * 6
+    bsz, ci, t_in, h_in, w_in = x.shape
+    ft, fh, fw = up
+    t, h, w = 1 + ft * (t_in - 1), fh * h_in, fw * w_in
+    co, _, kt, kh, kw = weight.shape
+    wl, wr, ht, hb, tf, tb = pads
+    to, ho = t + tf + tb - kt + 1, h + ht + hb - kh + 1
+    wp = w + wl + wr
+    full = _taps_on_output(ci, co, (kt, kh, kw))
+    wz = _s1_weight(weight, full)
+    per_frame = _s1_frame_bytes(ci, co, (kt, kh, kw), ho, wp, full)
+    if per_frame <= budget:
+        nt, nr = max(1, budget // per_frame), ho
+    else:
+        nt, nr = 1, ho
+        while nr > 1 and _s1_frame_bytes(ci, co, (kt, kh, kw), nr, wp, full) > budget:
+            nr = (nr + 1) // 2
+    fn = _slab_s1_jit if use_jit else _slab_s1
+    outs = []
+    for i in range(bsz):
+        xb = (x[i] if bsz > 1 else x).reshape(ci, t_in * h_in, w_in)
+        frames = []
+        for t0, ct in _splits(to, nt):
+            parts = []
+            for h0, ch in _splits(ho, nr):
+                rows = _slab_rows(t_in, h_in, t0 - tf, ct + kt - 1, h0 - ht, ch + kh - 1, (ft, fh))
+                parts.append(fn(xb, rows, ch + kh - 1, wz, bias, (wl, wr), fw, (kt, kh, kw), full))
+            frames.append(parts[0] if len(parts) == 1 else ops.concat(parts, 2))
+        outs.append(frames[0] if len(frames) == 1 else ops.concat(frames, 1))
+    if bsz == 1:
+        return outs[0].reshape((1,) + tuple(outs[0].shape))
+    return ops.stack(outs, 0)
 
 
 def _slab_strided(x, weight, bias, stride):
@@ -209,93 +374,99 @@ def _slab_strided(x, weight, bias, stride):
     return y
 
 
-def _slab(x, weight, bias, stride):
-    if stride == (1, 1, 1):
-        return _slab_s1(x, weight, bias)
-    return _slab_strided(x, weight, bias, stride)
-
-
 # One small graph per slab shape: compiled once, reused by every slab / layer / call with the same shapes.
-_slab_jit = ms.jit(_slab)
+_slab_strided_jit = ms.jit(_slab_strided)
 
 
-def _slab_bytes(ci, k, nt, nr, wp, wo, kt, kh, stride):
-    """Upper bound of the im2col memory of one slab of nt output frames x nr output rows."""
-    if stride == (1, 1, 1):
-        pos = (nt + kt - 1) * (nr + kh - 1) * wp  # padded slab positions; x3 + x9 + x27 + the slab copy
-        return 4 * ci * pos * (k + k // max(kt, 1) + max(k // max(kt * kh, 1), 1) + 1)
-    return 4 * ci * 2 * k * nt * nr * wo  # strided slices + their concat
-
-
-def _slab_plan(x_shape, w_shape, stride, budget):
+def _strided_plan(x_shape, w_shape, stride, budget):
+    """(output frames, output rows) per slab of the strided path: its columns stay below `budget` bytes."""
     _, ci, tp, hp, wp = x_shape
     _, _, kt, kh, kw = w_shape
     st, sh, sw = stride
     to, ho, wo = (tp - kt) // st + 1, (hp - kh) // sh + 1, (wp - kw) // sw + 1
-    k = kt * kh * kw
-
-    def cost(nt, nr):
-        return _slab_bytes(ci, k, nt, nr, wp, wo, kt, kh, stride)
-
-    if cost(to, ho) <= budget:
-        return to, ho, to, ho
-    if cost(1, ho) <= budget:
-        nt = 1
-        while nt < to and cost(nt + 1, ho) <= budget:
-            nt += 1
-        return to, ho, nt, ho
-    nr = 1
-    while nr < ho and cost(1, nr + 1) <= budget:
-        nr += 1
-    return to, ho, 1, nr
+    per_row = 4 * ci * 2 * kt * kh * kw * wo  # strided slices + their concat
+    if per_row * ho * to <= budget:
+        return to, ho
+    if per_row * ho <= budget:
+        return max(1, budget // (per_row * ho)), ho
+    return 1, max(1, budget // per_row)
 
 
-def _conv_slabs(x, weight, bias, stride, budget, use_jit):
-    """Valid conv as a grid of (output-frames x output-rows) slabs, each one im2col GEMM; the extra memory is
-    bounded by `budget` bytes (plus the output)."""
+def _conv_strided(x, weight, bias, stride, budget, use_jit):
+    """Strided valid conv as a grid of (output-frames x output-rows) slabs, each one im2col GEMM; the extra memory
+    is bounded by `budget` bytes (plus the output)."""
     bsz, ci, tp, hp, wp = x.shape
     _, _, kt, kh, kw = weight.shape
     st, sh, _ = stride
-    to, ho, nt, nr = _slab_plan(x.shape, weight.shape, stride, budget)
-    fn = _slab_jit if use_jit else _slab
-    if nt == to and nr == ho:
+    to, ho = (tp - kt) // st + 1, (hp - kh) // sh + 1
+    nt, nr = _strided_plan(x.shape, weight.shape, stride, budget)
+    fn = _slab_strided_jit if use_jit else _slab_strided
+    if nt >= to and nr >= ho:
         return fn(x, weight, bias, stride)
     rows_t = []
-    for t0 in range(0, to, nt):
-        ct = min(nt, to - t0)
+    for t0, ct in _splits(to, nt):
         cols_h = []
-        for r0 in range(0, ho, nr):
-            cr = min(nr, ho - r0)
+        for r0, cr in _splits(ho, nr):
             slab = _slice(x, (0, 0, t0 * st, r0 * sh, 0), (bsz, ci, (ct - 1) * st + kt, (cr - 1) * sh + kh, wp))
             cols_h.append(fn(slab, weight, bias, stride))
         rows_t.append(cols_h[0] if len(cols_h) == 1 else ops.concat(cols_h, 3))
     return rows_t[0] if len(rows_t) == 1 else ops.concat(rows_t, 2)
 
 
-def _conv3d_cpu(x, weight, bias, stride, padding, budget, use_jit):
-    if padding != (0, 0, 0):
-        pt, ph, pw = padding
-        x = ops.pad(x, (pw, pw, ph, ph, pt, pt), mode="constant", value=0.0)
+_conv_1x1_jit = ms.jit(_conv_1x1)
+
+
+def _conv3d_cpu(x, weight, bias, stride, pads, mode, up, budget, use_jit):
     kt, kh, kw = weight.shape[2], weight.shape[3], weight.shape[4]
+    fused = stride == (1, 1, 1) and kt * kh * kw > 1
+    if fused and all(p < kk for p, kk in zip(pads, (kw, kw, kh, kh, kt, kt))):
+        return _conv_s1(x, weight, bias, pads, mode, up, budget, use_jit)
+    if up != (1, 1, 1):
+        x = upsample_causal_nearest(x, up)
+    if any(pads):
+        x = _pad_cpu(x, pads, mode)
+    if fused:
+        return _conv_s1(x, weight, bias, (0,) * 6, "constant", (1, 1, 1), budget, use_jit)
     if kt * kh * kw == 1:
         if stride != (1, 1, 1):
             x = _strided(x, (0, 0, 0, 0, 0), tuple(x.shape), (1, 1) + stride)
-        return _conv_1x1(x, weight, bias)
-    return _conv_slabs(x, weight, bias, stride, budget, use_jit)
+        return (_conv_1x1_jit if use_jit else _conv_1x1)(x, weight, bias)
+    return _conv_strided(x, weight, bias, stride, budget, use_jit)
 
 
-def conv3d(x, weight, bias=None, stride=1, padding=0):
-    """torch.nn.functional.conv3d (groups 1, dilation 1, zero padding), NCDHW, weight (C_out, C_in, kt, kh, kw)."""
+def conv3d(x, weight, bias=None, stride=1, padding=0, pad=None, pad_mode="constant", upsample=None):
+    """torch.nn.functional.conv3d (groups 1, dilation 1, zero `padding`), NCDHW, weight (C_out, C_in, kt, kh, kw),
+    of `x` first upsampled by `upsample` (ft, fh, fw; see `upsample_causal_nearest`), then padded by `pad` (F.pad
+    order: (W_l, W_r, H_t, H_b, T_f, T_b)) in `pad_mode` ("constant" or "replicate"). On CPU the stride-1 path
+    builds each slab's upsampled, padded input itself: neither is ever materialised."""
+    up = _triple(upsample) if upsample is not None else (1, 1, 1)
     stride = _triple(stride)
     padding = _triple(padding)
+    extra = (padding[2], padding[2], padding[1], padding[1], padding[0], padding[0])
+    pads = tuple(int(p) for p in pad) if pad is not None else (0,) * 6
+    if len(pads) != 6 or min(pads) < 0:
+        raise ValueError(f"conv3d: pad must be 6 non-negative ints (W_l, W_r, H_t, H_b, T_f, T_b), got {pad}")
+    if pad_mode not in ("constant", "replicate"):
+        raise ValueError(f"conv3d: pad_mode must be 'constant' or 'replicate', got {pad_mode!r}")
     if not IS_CPU:
+        if up != (1, 1, 1):
+            x = upsample_causal_nearest(x, up)
+        if any(pads):
+            x = mint.nn.functional.pad(x, pads, mode=pad_mode)
         return mint.nn.functional.conv3d(x, weight, bias, stride, padding)
+    if any(extra):
+        if pad_mode == "constant" or not any(pads):
+            pads, pad_mode = tuple(p + e for p, e in zip(pads, extra)), "constant"
+        else:  # replicate first, then zeros: two different paddings, materialise the first
+            if up != (1, 1, 1):
+                x, up = upsample_causal_nearest(x, up), (1, 1, 1)
+            x, pads, pad_mode = _pad_cpu(x, pads, pad_mode), extra, "constant"
     use = _USE_JIT[0]
     if use == "auto":
         co, ci, kt, kh, kw = weight.shape
-        n = x.shape[0] * x.shape[2] * x.shape[3] * x.shape[4]  # ~ output positions (stride 1)
+        n = x.shape[0] * x.shape[2] * x.shape[3] * x.shape[4] * up[0] * up[1] * up[2]  # ~ output positions
         use = 2.0 * co * ci * kt * kh * kw * n >= _JIT_MIN_FLOPS[0]
-    return _conv3d_cpu(x, weight, bias, stride, padding, _BUDGET[0], bool(use))
+    return _conv3d_cpu(x, weight, bias, stride, pads, pad_mode, up, _BUDGET[0], bool(use))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -304,10 +475,16 @@ def conv3d(x, weight, bias=None, stride=1, padding=0):
 
 
 class Conv3d(nn.Cell):
-    """torch.nn.Conv3d (zero padding, groups 1): `weight` (C_out, C_in, kt, kh, kw), `bias` (C_out)."""
+    """torch.nn.Conv3d (zero padding, groups 1): `weight` (C_out, C_in, kt, kh, kw), `bias` (C_out).
+    `upsample`, `pad` / `pad_mode`: a causal nearest upsampling and an F.pad the cell applies to its input first (see
+    `conv3d`); torch does both outside the conv, here the CPU kernel fuses them. The output is the same."""
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True, dtype=ms.float32):
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True, dtype=ms.float32,
+                 pad=None, pad_mode="constant", upsample=None):
         super().__init__()
+        self.pad = tuple(int(p) for p in pad) if pad is not None else None
+        self.pad_mode = pad_mode
+        self.upsample = tuple(int(f) for f in upsample) if upsample is not None else None
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = _triple(kernel_size)
@@ -317,7 +494,7 @@ class Conv3d(nn.Cell):
         self.bias = Parameter(initializer("zeros", (out_channels,), dtype)) if bias else None
 
     def construct(self, x):
-        return conv3d(x, self.weight, self.bias, self.stride, self.padding)
+        return conv3d(x, self.weight, self.bias, self.stride, self.padding, self.pad, self.pad_mode, self.upsample)
 
 
 class GroupNorm(nn.Cell):
