@@ -154,6 +154,20 @@ def test_fused_path_choice():
     assert not oc._taps_on_output(128, 128, (3, 3, 3)) and not oc._taps_on_output(16, 512, (3, 3, 3))
 
 
+@pytest.mark.parametrize("graphs", [False, True])
+def test_conv3d_fused_without_bias(graphs):
+    """No bias, through the op-by-op and the cached-graph slab paths (both compositions of the same code)."""
+    x, w = r(1, 6, 3, 5, 4), r(4, 6, 3, 3, 3)
+    pads = (1, 1, 1, 1, 2, 0)
+    want = F.conv3d(F.pad(torch.from_numpy(x), pads, mode="replicate"), torch.from_numpy(w)).numpy()
+    try:
+        oc.set_cpu_conv_jit(graphs)
+        got = oc.conv3d(Tensor(x), Tensor(w), None, pad=pads, pad_mode="replicate").asnumpy()
+    finally:
+        oc.set_cpu_conv_jit("auto")
+    assert rel(got, want) <= 1e-5
+
+
 def test_conv3d_bad_pad_is_a_clear_error():
     x, w = Tensor(r(1, 2, 3, 4, 4)), Tensor(r(2, 2, 3, 3, 3))
     with pytest.raises(ValueError, match="pad must be 6"):

@@ -10,7 +10,7 @@ CPU (fp32) notes — why this file exists (see ../shared/notes/mindspore-cpu.md 
   - **stride 1** (every conv of the VAE decoder): each slab *gathers* its own padded input rows from the unpadded
     input (int32 row indices: clamped indices are replicate padding, repeated ones nearest upsampling in T and H),
     so neither the padded nor the upsampled tensor is ever materialised (``ops.pad`` costs ~15 copies, a
-    PyNative slice is a view whose later copy is ~15x slower than a graph's). The slab is flattened over
+    PyNative slice is a view whose later copy is ~20x slower than a graph's). The slab is flattened over
     (T, H, W); tap (a, b, c) of output position p reads position p + a*S + b*Wp + c, a *contiguous* window. The
     (T, W) windows are stacked as im2col columns (K = kt*kw*C_in) and one GEMM yields kh partial outputs that
     are summed shifted by b*Wp (3x fewer columns than full im2col, no halo frames in the GEMM). For few output
@@ -61,7 +61,7 @@ _JIT_MIN_FLOPS = [5e8]
 
 def set_cpu_conv_jit(mode="auto", min_flops: float | None = None) -> None:
     """How the CPU conv3d runs when called from PyNative: ``True`` = always as a per-shape ``ms.jit`` graph
-    (compiled once per slab shape, ~0.5-1 s each, then faster than op-by-op: ~1.7x on the real VAE decoder),
+    (compiled once per slab shape, ~0.5-1 s each, then faster than op-by-op for large inputs),
     ``False`` = op by op, ``"auto"`` (default) = graph only when the conv costs >= ``min_flops`` (default 5e8),
     so small layers (tests, tiny configs) never pay a compilation."""
     if mode not in (True, False, "auto"):
@@ -230,9 +230,8 @@ def _slab_s1(x, rows, hp, wz, bias, wpad, fw, k, full):
     `x` (C_in, T*H, W) is the whole input; `rows` (int32) lists, frame by frame, the input rows (t*H + h) of the
     slab's padded frames -- indices clamped to the edge give replicate padding, and repeated indices nearest
     upsampling, in T and H for free -- plus one spare frame; `fw` upsamples W (broadcast), `wpad` (W_l, W_r) is
-    replicated by concatenation. The slab is flattened over (T, H, W): output
-    position p of tap (a, b, c) reads position p + a*S + b*Wp + c (S = Hp*Wp), so every tap is a *contiguous*
-    shifted window. Default: the (a, c) windows are stacked as im2col columns (K = kt*kw*C_in), one GEMM gives kh
+    replicated by concatenation. The slab is flattened over (T, H, W): output position p of tap (a, b, c) reads
+    position p + a*S + b*Wp + c (S = Hp*Wp), so every tap is a *contiguous* shifted window. Default: the (a, c) windows are stacked as im2col columns (K = kt*kw*C_in), one GEMM gives kh
     partial outputs (rows (b, C_out)) and the b-th is read shifted by b*Wp -- 3x fewer copied columns than full
     im2col and no halo frames in the GEMM. With every tap on the output side (`full`) there are no columns: one
     GEMM of the flat slab, then kt*kh*kw shifted reads. Windows running past the last frame read the spare frame;
