@@ -105,3 +105,56 @@ class AutoEncoder3DConfig:
         d = dataclasses.asdict(self)
         d["block_out_channels"] = list(d["block_out_channels"])
         return d
+
+
+class TilingKnobs:
+    """Upstream's tiling knobs of the causal VAE, shared by the torch reference and the MindSpore port (plain
+    attributes of the model: ``use_spatial_tiling``, ``use_temporal_tiling``, ``tile_sample_min_size`` (pixels),
+    ``tile_latent_min_size`` (= pixels / 8), ``tile_sample_min_tsize`` (frames), ``tile_latent_min_tsize``
+    (= frames / 4); the model also has ``config``, ``time_compression_ratio``, ``spatial_compression_ratio``)."""
+
+    def set_tile_sizes(self, sample_size=None, sample_tsize=None) -> None:
+        """Upstream derives the tile sizes from ``sample_size`` (pixels) and ``sample_tsize`` (frames)."""
+        if sample_size is not None:
+            s = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
+            self.tile_sample_min_size = int(s)
+            self.tile_latent_min_size = int(s / (2 ** (len(self.config.block_out_channels) - 1)))
+        if sample_tsize is not None:
+            self.tile_sample_min_tsize = int(sample_tsize)
+            self.tile_latent_min_tsize = int(sample_tsize) // self.time_compression_ratio
+
+    def configure_tiling(self, tile_size=None, spatial=None, temporal=None, tile_frames=None) -> None:
+        """The user-facing knobs in one call (what ``--vae-tile-size`` / temporal tiling on|off map to):
+        ``tile_size`` pixels per spatial tile (upstream 256; a multiple of 8 * 4 keeps the blend exact),
+        ``tile_frames`` frames per temporal tile (upstream 64, a multiple of 4), ``spatial`` / ``temporal``
+        switch the two tilings. ``None`` leaves a setting unchanged."""
+        if tile_size is not None:
+            if int(tile_size) < 16 or int(tile_size) % 8:
+                raise ValueError(f"tile size must be a multiple of 8 and >= 16 pixels, got {tile_size}")
+            self.set_tile_sizes(sample_size=int(tile_size))
+        if tile_frames is not None:
+            if int(tile_frames) < 4 or int(tile_frames) % self.time_compression_ratio:
+                raise ValueError(f"tile frames must be a multiple of {self.time_compression_ratio}, got {tile_frames}")
+            self.set_tile_sizes(sample_tsize=int(tile_frames))
+        if spatial is not None:
+            self.use_spatial_tiling = bool(spatial)
+        if temporal is not None:
+            self.use_temporal_tiling = bool(temporal)
+
+    def enable_spatial_tiling(self, use_tiling: bool = True):
+        self.use_spatial_tiling = use_tiling
+
+    def enable_temporal_tiling(self, use_tiling: bool = True):
+        self.use_temporal_tiling = use_tiling
+
+    def enable_tiling(self, use_tiling: bool = True):
+        self.enable_spatial_tiling(use_tiling)
+        self.enable_temporal_tiling(use_tiling)
+
+    def disable_tiling(self):
+        self.enable_tiling(False)
+
+    def get_latent_size(self, input_size):
+        t, h, w = input_size
+        r, s = self.time_compression_ratio, self.spatial_compression_ratio
+        return [(t - 1) // r + 1, (h - 1) // s + 1, (w - 1) // s + 1]

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from opensora_ms.configs import AutoEncoder3DConfig
+from opensora_ms.configs import AutoEncoder3DConfig, TilingKnobs
 
 __all__ = [
     "AutoEncoder3DConfig",
@@ -330,7 +330,7 @@ def _blend(a: torch.Tensor, b: torch.Tensor, extent: int, dim: int) -> torch.Ten
     return b
 
 
-class AutoencoderKLCausal3D(nn.Module):
+class AutoencoderKLCausal3D(nn.Module, TilingKnobs):
     def __init__(
         self,
         config: AutoEncoder3DConfig,
@@ -370,35 +370,6 @@ class AutoencoderKLCausal3D(nn.Module):
             self.tile_sample_min_tsize = tile_sample_min_tsize
         if tile_latent_min_tsize is not None:
             self.tile_latent_min_tsize = tile_latent_min_tsize
-
-    # ---- tiling settings
-    def set_tile_sizes(self, sample_size: Optional[int] = None, sample_tsize: Optional[int] = None) -> None:
-        """Upstream derives the four tile sizes from ``sample_size`` (pixels) and ``sample_tsize`` (frames)."""
-        if sample_size is not None:
-            s = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
-            self.tile_sample_min_size = s
-            self.tile_latent_min_size = int(s / (2 ** (len(self.config.block_out_channels) - 1)))
-        if sample_tsize is not None:
-            self.tile_sample_min_tsize = sample_tsize
-            self.tile_latent_min_tsize = sample_tsize // self.time_compression_ratio
-
-    def enable_spatial_tiling(self, use_tiling: bool = True):
-        self.use_spatial_tiling = use_tiling
-
-    def enable_temporal_tiling(self, use_tiling: bool = True):
-        self.use_temporal_tiling = use_tiling
-
-    def enable_tiling(self, use_tiling: bool = True):
-        self.enable_spatial_tiling(use_tiling)
-        self.enable_temporal_tiling(use_tiling)
-
-    def disable_tiling(self):
-        self.enable_tiling(False)
-
-    def get_latent_size(self, input_size):
-        t, h, w = input_size
-        r, s = self.time_compression_ratio, self.spatial_compression_ratio
-        return [(t - 1) // r + 1, (h - 1) // s + 1, (w - 1) // s + 1]
 
     # ---- encode
     def _moments(self, x: torch.Tensor) -> torch.Tensor:
