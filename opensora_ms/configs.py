@@ -7,6 +7,7 @@ configs load directly; this module imports no framework, so both sides use the v
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -105,6 +106,24 @@ class AutoEncoder3DConfig:
         d = dataclasses.asdict(self)
         d["block_out_channels"] = list(d["block_out_channels"])
         return d
+
+
+def sampling_plan(n_blocks: int, time_compression_ratio: int, spatial_compression_ratio: int):
+    """(spatial, temporal) resampling flags per block of the causal VAE (encoder order; the decoder's up blocks use
+    the same list)."""
+    n_sp = int(math.log2(spatial_compression_ratio))
+    n_t = int(math.log2(time_compression_ratio))
+    plan = []
+    for i in range(n_blocks):
+        final = i == n_blocks - 1
+        if time_compression_ratio == 4:
+            sp, tm = i < n_sp, (i >= n_blocks - 1 - n_t) and not final
+        elif time_compression_ratio == 8:
+            sp = tm = i < n_sp
+        else:
+            raise ValueError(f"Unsupported time_compression_ratio: {time_compression_ratio}")
+        plan.append((bool(sp), bool(tm)))
+    return plan
 
 
 class TilingKnobs:

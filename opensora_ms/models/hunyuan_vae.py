@@ -25,7 +25,6 @@ Tiling knobs (upstream attribute names; see docs/vae.md): ``use_spatial_tiling``
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import numpy as np
@@ -34,7 +33,7 @@ from mindspore import Tensor, mint, nn, ops
 
 from opensora_ms.ops.conv import Conv3d, GroupNorm
 from opensora_ms.ops.nn import Identity, Linear, SiLU, attention
-from opensora_ms.configs import AutoEncoder3DConfig, TilingKnobs
+from opensora_ms.configs import AutoEncoder3DConfig, TilingKnobs, sampling_plan
 
 __all__ = [
     "AutoEncoder3DConfig",
@@ -48,23 +47,6 @@ __all__ = [
 
 def _cfg(cfg) -> AutoEncoder3DConfig:
     return cfg if isinstance(cfg, AutoEncoder3DConfig) else AutoEncoder3DConfig.from_dict(cfg)
-
-
-def sampling_plan(n_blocks: int, time_compression_ratio: int, spatial_compression_ratio: int):
-    """(spatial, temporal) resampling flags per block (encoder order; the decoder's up blocks use the same list)."""
-    n_sp = int(math.log2(spatial_compression_ratio))
-    n_t = int(math.log2(time_compression_ratio))
-    plan = []
-    for i in range(n_blocks):
-        final = i == n_blocks - 1
-        if time_compression_ratio == 4:
-            sp, tm = i < n_sp, (i >= n_blocks - 1 - n_t) and not final
-        elif time_compression_ratio == 8:
-            sp = tm = i < n_sp
-        else:
-            raise ValueError(f"Unsupported time_compression_ratio: {time_compression_ratio}")
-        plan.append((bool(sp), bool(tm)))
-    return plan
 
 
 # ----------------------------------------------------------------------------------------------------------------

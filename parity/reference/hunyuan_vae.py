@@ -19,13 +19,12 @@ loads strictly and forward hooks carry upstream's names:
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from opensora_ms.configs import AutoEncoder3DConfig, TilingKnobs
+from opensora_ms.configs import AutoEncoder3DConfig, TilingKnobs, sampling_plan
 
 __all__ = [
     "AutoEncoder3DConfig",
@@ -209,23 +208,6 @@ class UpDecoderBlockCausal3D(nn.Module):
             for u in self.upsamplers:
                 x = u(x)
         return x
-
-
-def sampling_plan(n_blocks: int, time_compression_ratio: int, spatial_compression_ratio: int):
-    """Per block (encoder order; the decoder uses the same list): (spatial, temporal) resampling flags."""
-    n_sp = int(math.log2(spatial_compression_ratio))
-    n_t = int(math.log2(time_compression_ratio))
-    plan = []
-    for i in range(n_blocks):
-        final = i == n_blocks - 1
-        if time_compression_ratio == 4:
-            sp, tm = i < n_sp, (i >= n_blocks - 1 - n_t) and not final
-        elif time_compression_ratio == 8:
-            sp = tm = i < n_sp
-        else:
-            raise ValueError(f"Unsupported time_compression_ratio: {time_compression_ratio}")
-        plan.append((bool(sp), bool(tm)))
-    return plan
 
 
 def _act(name: str) -> nn.Module:
