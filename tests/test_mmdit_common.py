@@ -66,42 +66,24 @@ def flatten(name, out, acc, to_numpy):
         acc[name] = to_numpy(out)
 
 
-def capture_torch(model, fn):
-    """Run fn() with a forward hook on every module; returns {case hook name: numpy float64}."""
+def capture(model, fn):
+    """Run fn() with a forward hook on every torch module / MindSpore cell (PyNative); returns {path (+ `#n` for
+    repeated calls, + suffix of structured outputs): numpy float64}. Framework glue: parity.capture."""
+    from parity.capture import framework_of
+
+    fw = framework_of(model)
     acc, count, handles = {}, {}, []
 
     def mk(path):
-        def hook(mod, args, out):
+        def hook(out):
             key = path or "__root__"
             n = count.get(key, 0)
             count[key] = n + 1
-            flatten(key if n == 0 else f"{key}#{n}", out, acc, lambda t: t.detach().double().numpy())
+            flatten(key if n == 0 else f"{key}#{n}", out, acc, lambda t: fw.to_numpy(t)[0].astype(np.float64))
         return hook
 
-    for path, mod in model.named_modules():
-        handles.append(mod.register_forward_hook(mk(path)))
-    try:
-        fn()
-    finally:
-        for h in handles:
-            h.remove()
-    return acc
-
-
-def capture_ms(net, fn):
-    """Run fn() (PyNative) with a forward hook on every cell; returns {MindSpore cell path + suffix: numpy}."""
-    acc, count, handles = {}, {}, []
-
-    def mk(path):
-        def hook(cell, inputs, out):
-            key = path or "__root__"
-            n = count.get(key, 0)
-            count[key] = n + 1
-            flatten(key if n == 0 else f"{key}#{n}", out, acc, lambda t: t.asnumpy().astype(np.float64))
-        return hook
-
-    for path, cell in net.cells_and_names():
-        handles.append(cell.register_forward_hook(mk(path)))
+    for path, mod in fw.named_modules(model):
+        handles.append(fw.forward_hook(mod, mk(path)))
     try:
         fn()
     finally:

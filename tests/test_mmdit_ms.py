@@ -14,7 +14,7 @@ from opensora_ms.loading import load_strict
 from opensora_ms.models import mmdit as M
 from parity.adapters import mmdit as A
 from parity.align import Aligner
-from test_mmdit_common import CASES, capture_ms, case_hook, case_hook_names, load_case, rel
+from test_mmdit_common import CASES, capture, case_hook, case_hook_names, load_case, rel
 
 
 @pytest.fixture(scope="module", params=CASES)
@@ -44,7 +44,7 @@ def test_every_layer_aligned(loaded):
     case, net, mapping = loaded
     aligner = Aligner(mapping.align, mapping.resolve_vars({k: v.shape for k, v in case["weights"].items()}))
     names = case_hook_names(case)
-    acc = capture_ms(net, lambda: M.run(net, case["inputs"]))
+    acc = capture(net, lambda: M.run(net, case["inputs"]))
     used, worst, compared = set(), (0.0, ""), 0
     for cap, arr in acc.items():
         # MindSpore capture names: module path + tuple suffix; find the module part by trying prefixes

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from parity.reference import mmdit as R
-from test_mmdit_common import CASES, MANIFESTS, REAL, capture_torch, case_hook, load_case, rel
+from test_mmdit_common import CASES, MANIFESTS, REAL, capture, case_hook, load_case, rel
 
 
 @pytest.fixture(scope="module", params=CASES)
@@ -41,7 +41,7 @@ def test_meta_state_dict_equals_manifest(manifest):
 def test_case_output_and_every_hook(case):
     model = _model(case)
     out = {}
-    acc = capture_torch(model, lambda: out.setdefault("y", R.run(model, case["inputs"])))
+    acc = capture(model, lambda: out.setdefault("y", R.run(model, case["inputs"])))
     assert rel(out["y"].numpy(), case["outputs"]["output"]) <= 1e-5
     names = set(case["hooks"]) | set(case["aliases"])
     missing = sorted(names - set(acc))
