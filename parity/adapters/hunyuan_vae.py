@@ -170,6 +170,18 @@ def build_torch(cfg, dtype=None, seed: int = 0):
     return model.to(dtype or torch.float32).eval()
 
 
+def _tiling_outputs(model, xt, case_cfg, n, out: dict) -> None:
+    """The case's tiled variants (same calls in both frameworks): encode `xt` with each tiling; decode the plain
+    latent with each tiling. `n` converts a framework tensor to numpy."""
+    tiles, z_plain = tile_sizes(case_cfg), None
+    for v, (sp, tm) in TILING_VARIANTS.items():
+        with _tiling(model, sp, tm, tiles):
+            zv = model.encode(xt, sample_posterior=False)
+            z_plain = zv if z_plain is None else z_plain
+            out[f"tiling/z_{v}"] = n(zv)
+            out[f"tiling/dec_{v}"] = n(model.decode(z_plain))
+
+
 def run_torch(model, inputs: dict, case_cfg: dict | None = None) -> dict:
     import torch
 
@@ -195,13 +207,7 @@ def run_torch(model, inputs: dict, case_cfg: dict | None = None) -> dict:
             out["z_first_frame"] = n(zf)
             out["decoded_first_frame_latent"] = n(model.decode(zf))
             if "x_tiling" in inputs:
-                xt, tiles, z_plain = t(inputs["x_tiling"]), tile_sizes(case_cfg), None
-                for v, (sp, tm) in TILING_VARIANTS.items():
-                    with _tiling(model, sp, tm, tiles):
-                        zv = model.encode(xt, sample_posterior=False)
-                        z_plain = zv if z_plain is None else z_plain
-                        out[f"tiling/z_{v}"] = n(zv)
-                        out[f"tiling/dec_{v}"] = n(model.decode(z_plain))
+                _tiling_outputs(model, t(inputs["x_tiling"]), case_cfg, n, out)
     return out
 
 
@@ -237,13 +243,7 @@ def run_ms(model, inputs: dict, case_cfg: dict | None = None) -> dict:
                 out["decoded_first_frame_latent"] = n(model.decode(zf))
                 if "x_tiling" in inputs:
                     xt = ms.Tensor(np.ascontiguousarray(inputs["x_tiling"], np.float32))
-                    tiles, z_plain = tile_sizes(case_cfg), None
-                    for v, (sp, tm) in TILING_VARIANTS.items():
-                        with _tiling(model, sp, tm, tiles):
-                            zv = model.encode(xt, sample_posterior=False)
-                            z_plain = zv if z_plain is None else z_plain
-                            out[f"tiling/z_{v}"] = n(zv)
-                            out[f"tiling/dec_{v}"] = n(model.decode(z_plain))
+                    _tiling_outputs(model, xt, case_cfg, n, out)
     finally:
         model.set_jit(jit_before)
     return out
