@@ -224,6 +224,9 @@ def _s1_weight(weight, full):
     return weight.transpose(3, 0, 2, 4, 1).reshape(kh * co, kt * kw * ci)
 
 
+_s1_weight_jit = ms.jit(_s1_weight)  # PyNative's transpose of a 512-channel weight takes ~75 ms, a graph's ~10 ms
+
+
 def _slab_s1(x, rows, hp, wz, bias, wpad, fw, k, full):
     """Stride-1 valid conv of one slab of the padded input.
 
@@ -322,7 +325,7 @@ def _conv_s1(x, weight, bias, pads, mode, up, budget, use_jit):
     to, ho = t + tf + tb - kt + 1, h + ht + hb - kh + 1
     wp = w + wl + wr
     full = _taps_on_output(ci, co, (kt, kh, kw))
-    wz = _s1_weight(weight, full)
+    wz = (_s1_weight_jit if use_jit else _s1_weight)(weight, full)
     per_frame = _s1_frame_bytes(ci, co, (kt, kh, kw), ho, wp, full)
     if per_frame <= budget:
         nt, nr = max(1, budget // per_frame), ho
