@@ -101,6 +101,38 @@ def inspect(
         raise typer.Exit(2)
 
 
+def _print_partial(partial: list) -> None:
+    if partial:
+        typer.echo(f"warning: --allow-partial: {len(partial)} problem(s) against the target inventory, recorded in "
+                   f"msconv-manifest.json; first: {partial[0]}", err=True)
+
+
+def _dry_run(src, mapping, target_inventory, config, allow_partial, dtype, as_json) -> None:
+    """`convert --dry-run`: validate exactly as a conversion would and print the plan; write nothing."""
+    from converter.engine import plan_checkpoint
+    from converter.tensor import POLICY_DTYPES, nbytes, policy_dtype
+
+    c = plan_checkpoint(src, mapping, target_inventory, config=config, allow_partial=allow_partial)
+    m, plan, tdesc = c.mapping, c.plan, c.target.description
+    want = POLICY_DTYPES.get(dtype, "?")
+    if want == "?":
+        raise UserError(f"--dtype must be one of {', '.join(POLICY_DTYPES)}, got {dtype!r}")
+    total = sum(nbytes(n.shape, policy_dtype(n.dtype, want, k)) for k, n in plan.targets.items())
+    info = {"mapping": m.name, "source": str(src), "targets": len(plan.targets), "bytes": total,
+            "dropped": plan.dropped, "unused_rules": plan.unused_rules, "target_inventory": tdesc,
+            "target": c.target.record(), "partial_problems": c.partial, "dtype_policy": dtype, "plan": plan.describe()}
+    _print_partial(c.partial)
+    if as_json:
+        typer.echo(json.dumps(info, indent=1))
+        return
+    for line in info["plan"]:
+        typer.echo(line)
+    typer.echo(f"# {len(plan.source_inventory)} source tensors -> {len(plan.targets)} targets, {_human(total)}; "
+               f"dropped {len(plan.dropped)}; target inventory: {tdesc}; dtype {dtype}")
+    for r in plan.unused_rules:
+        typer.echo(f"# note: {r} matched nothing")
+
+
 @app.command()
 def convert(
     src: Path = typer.Argument(..., help="PyTorch checkpoint: .safetensors file, index, folder, or .bin/.pt"),
@@ -112,35 +144,21 @@ def convert(
     shard_size: str = typer.Option("5GB", "--shard-size", help="maximum shard size, e.g. 5GB, 500MB"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
     target_inventory: str = typer.Option("auto", "--target-inventory",
-                                         help="auto (the mapping's, when the source is its manifest config) | none | PATH"),
+                                         help="auto (shipped for the real checkpoint, else the model at the inferred "
+                                              "or --config config) | PATH"),
+    config: Optional[Path] = typer.Option(None, "--config", help="model config JSON to build the expected inventory "
+                                                                  "from, instead of inferring it from the shapes"),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="convert even if the result differs from the "
+                                                                      "model's inventory (recorded in the manifest)"),
     source_hash: bool = typer.Option(True, "--source-hash/--no-source-hash", help="sha256 the source files into the manifest"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ):
     """Convert a PyTorch checkpoint to MindSpore safetensors with a mapping (validated before writing)."""
-    from converter.engine import convert_checkpoint, plan_checkpoint
+    from converter.engine import convert_checkpoint
 
     try:
         if dry_run:
-            m, source, plan, tdesc = plan_checkpoint(src, mapping, target_inventory)
-            from converter.tensor import POLICY_DTYPES, nbytes, policy_dtype
-
-            want = POLICY_DTYPES.get(dtype, "?")
-            if want == "?":
-                raise UserError(f"--dtype must be one of {', '.join(POLICY_DTYPES)}, got {dtype!r}")
-            total = sum(nbytes(n.shape, policy_dtype(n.dtype, want, k)) for k, n in plan.targets.items())
-            info = {"mapping": m.name, "source": str(src), "targets": len(plan.targets), "bytes": total,
-                    "dropped": plan.dropped, "unused_rules": plan.unused_rules, "target_inventory": tdesc,
-                    "dtype_policy": dtype, "plan": plan.describe()}
-            if as_json:
-                typer.echo(json.dumps(info, indent=1))
-            else:
-                for line in info["plan"]:
-                    typer.echo(line)
-                typer.echo(f"# {len(plan.source_inventory)} source tensors -> {len(plan.targets)} targets, {_human(total)}; "
-                           f"dropped {len(plan.dropped)}; target inventory: {tdesc}; dtype {dtype}")
-                for r in plan.unused_rules:
-                    typer.echo(f"# note: {r} matched nothing")
-            return
+            return _dry_run(src, mapping, target_inventory, config, allow_partial, dtype, as_json)
         if out is None:
             raise UserError("convert needs --out DIR (or --dry-run)")
         progress = None
@@ -157,7 +175,8 @@ def convert(
                 bar.update(task, completed=done, total=total)
         try:
             res = convert_checkpoint(src, mapping, out, dtype=dtype, fmt=fmt, shard_size=shard_size, overwrite=overwrite,
-                                     target_inventory=target_inventory, hash_source=source_hash, progress=progress)
+                                     target_inventory=target_inventory, hash_source=source_hash, progress=progress,
+                                     config=config, allow_partial=allow_partial)
         finally:
             if bar is not None:
                 bar.stop()
@@ -166,41 +185,77 @@ def convert(
     except KeyboardInterrupt:
         typer.echo(f"error: interrupted; nothing was left under {out}", err=True)
         raise typer.Exit(130)
+    man = res.manifest
+    _print_partial(man.get("partial_problems"))
     if as_json:
         typer.echo(json.dumps({"out": res.out, "files": res.files, "tensors": res.tensors, "bytes": res.bytes,
-                               "seconds": round(res.seconds, 3), "bytes_per_s": round(res.bytes_per_s)}, indent=1))
+                               "seconds": round(res.seconds, 3), "bytes_per_s": round(res.bytes_per_s),
+                               "target_inventory": man["target_inventory"], "allow_partial": man["allow_partial"],
+                               "partial_problems": man["partial_problems"]}, indent=1))
     else:
         typer.echo(f"wrote {res.tensors} tensors, {_human(res.bytes)} in {res.seconds:.1f} s "
-                   f"({_human(res.bytes_per_s)}/s) -> {res.out}")
+                   f"({_human(res.bytes_per_s)}/s) -> {res.out}; checked against {man['target_inventory']}")
 
 
 @app.command()
 def validate(
     mapping: str = typer.Argument(..., help="mapping name or path"),
     src: Optional[Path] = typer.Option(None, "--source", help="check against this checkpoint instead of the mapping's source manifest"),
+    config: Optional[Path] = typer.Option(None, "--config", help="with --source: model config JSON for the expected inventory"),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="pass even without a (matching) target inventory"),
     as_json: bool = typer.Option(False, "--json"),
 ):
-    """Validate a mapping against its source manifest (and its target inventory when that file exists)."""
+    """Validate a mapping against its source manifest and target inventory (or a checkpoint, as convert would)."""
+    from converter.engine import plan_checkpoint
     from converter.mapping import load_mapping
-    from converter.sources import Source
 
     try:
         m = load_mapping(mapping)
         if src is not None:
-            inv, where = Source(src).inventory(), str(src)
+            c = plan_checkpoint(src, m, config=config, allow_partial=allow_partial)
+            inv, where, plan, tdesc, partial = c.plan.source_inventory, str(src), c.plan, c.target.description, c.partial
         else:
             inv, where = m.source_manifest(), f"manifest {m.source.get('manifest')}"
             if inv is None:
                 raise UserError(f"mapping {m.name}: source manifest {m.source.get('manifest')!r} not found; pass --source")
-        tinv = m.target_inventory() if src is None else None
-        plan = m.plan(inv, tinv, where=where)
+            tinv, partial = m.target_inventory(), []
+            if tinv is None and not allow_partial:
+                from converter.targets import no_inventory_message
+
+                raise UserError(f"mapping {m.name}: no target inventory file ({m.target.get('inventory')!r}); "
+                                + no_inventory_message(m.target.get("model")))
+            plan = m.plan(inv, tinv, where=where)
+            tdesc = f"{m.name} target inventory" if tinv is not None else "none (--allow-partial)"
+            if tinv is None:
+                partial = ["no target inventory"]
     except UserError as e:
         _fail(e)
     res = {"mapping": m.name, "source": where, "targets": len(plan.targets), "dropped": len(plan.dropped),
-           "target_inventory": "checked" if tinv is not None else "none", "unused_rules": plan.unused_rules}
+           "target_inventory": tdesc, "partial_problems": partial, "unused_rules": plan.unused_rules}
     typer.echo(json.dumps(res, indent=1) if as_json else
                f"{m.name}: ok — {len(inv)} source keys -> {len(plan.targets)} targets, {len(plan.dropped)} dropped; "
-               f"target inventory {'checked' if tinv is not None else ('not checked (a checkpoint of another config)' if src is not None else 'not available')}")
+               f"target inventory: {tdesc}" + (f"; PARTIAL: {len(partial)} problem(s), first: {partial[0]}" if partial else ""))
+
+
+@app.command()
+def verify(
+    out_dir: Path = typer.Argument(..., help="a folder written by msconv convert"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Re-hash every written file/tensor against msconv-manifest.json and check the headers against the model's
+    parameter inventory."""
+    from converter.verify import verify_output
+
+    try:
+        v = verify_output(out_dir)
+    except UserError as e:
+        _fail(e)
+    if as_json:
+        typer.echo(json.dumps({"out": v.out, "files": v.files, "tensors": v.tensors, "bytes": v.bytes,
+                               "inventory": v.inventory}, indent=1))
+    else:
+        typer.echo(f"{v.out}: ok — {v.tensors} tensors in {v.files} file(s), {_human(v.bytes)} re-hashed; "
+                   f"inventory {v.inventory}")
 
 
 def main():  # pragma: no cover

@@ -25,22 +25,24 @@ import queue
 import shutil
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .errors import FormatError, OutputError, UserError
-from .inventory import load_inventory
+from .errors import FormatError, MappingError, OutputError, UserError
 from .mapping import Mapping, Node, Plan, evaluate, load_mapping
 from .safetensors_io import TensorInfo, build_header
 from .sources import MemTensor, Source
+from .targets import Target, expected_target
 from .tensor import POLICY_DTYPES, cast_storage, nbytes, policy_dtype
 
 CHUNK = 32 << 20
 NBUF = 4
 INDEX_NAME = "model.safetensors.index.json"
 MANIFEST_NAME = "msconv-manifest.json"
+CKPT_NAME = "model.ckpt"
 
 
 _NO_CFR = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.ETXTBSY}
@@ -372,33 +374,51 @@ def _file_sha256(path) -> str:
     return h.hexdigest()
 
 
-def choose_target_inventory(mapping: Mapping, src_inv: dict, spec="auto") -> tuple[dict | None, str]:
-    """Which target inventory to validate against.
+@dataclass
+class Checked:
+    """A validated conversion: the mapping, the opened source, the plan and the target inventory it was checked
+    against; `partial` lists what --allow-partial let through (empty when the inventory matched exactly)."""
 
-    'auto': the mapping's `target.inventory` when the source is the checkpoint the mapping's source
-    manifest describes (same keys and shapes): inventories hold the real config, so a tiny or otherwise
-    different config is validated structurally only. 'none': no inventory. Anything else: a JSON path.
-    """
-    if spec in (None, "none"):
-        return None, "none"
-    if spec != "auto":
-        return load_inventory(spec), os.fspath(spec)
-    tinv = mapping.target_inventory()
-    if tinv is None:
-        return None, "none (the mapping has no target inventory file)"
-    man = mapping.source_manifest()
-    if man is not None and {k: tuple(s) for k, (s, _) in man.items()} == {k: tuple(s) for k, (s, _) in src_inv.items()}:
-        return tinv, f"{mapping.name} target inventory"
-    return None, "none (the source is not the mapping's manifest config; checked structurally)"
+    mapping: Mapping
+    source: Source
+    plan: Plan
+    target: Target
+    allow_partial: bool = False
+    partial: list = field(default_factory=list)
+
+    def __iter__(self):  # m, src, plan, description (the former 4-tuple)
+        return iter((self.mapping, self.source, self.plan, self.target.description))
 
 
-def plan_checkpoint(src_path, mapping, target_inventory="auto"):
+def plan_checkpoint(src_path, mapping, target_inventory="auto", *, config=None, allow_partial: bool = False) -> Checked:
+    """Open the source and validate the whole conversion against the expected target inventory
+    (converter.targets): a missing, extra, mis-shaped or wrong-kind tensor is a MappingError naming the key,
+    unless `allow_partial`, which records those problems instead. Structural problems (a key no rule consumes,
+    a rule missing one of its sources) are errors even then."""
     m = mapping if isinstance(mapping, Mapping) else load_mapping(mapping)
     src = Source(src_path)
     inv = src.inventory()
-    tinv, tdesc = choose_target_inventory(m, inv, target_inventory)
-    plan = m.plan(inv, tinv, where=os.fspath(src_path))
-    return m, src, plan, tdesc
+    where = os.fspath(src_path)
+    try:
+        target = expected_target(m, inv, target_inventory, config,
+                                 structural=lambda: m.plan(inv, where=where).inventory())
+    except MappingError as e:
+        msg = str(e) if str(e).startswith(where) else f"{where}: {e}"
+        if not allow_partial:
+            raise MappingError(msg, e.problems) from None
+        target = Target(None, "none", f"none ({e})", reason=str(e))
+    if target.inventory is None:
+        if not allow_partial:
+            raise MappingError(f"{where}: mapping {m.name}: no target inventory to check against ({target.reason}); "
+                               "pass --allow-partial to convert without one")
+        return Checked(m, src, m.plan(inv, where=where), target, True, [target.reason])
+    try:
+        return Checked(m, src, m.plan(inv, target.inventory, where=where), target, allow_partial)
+    except MappingError as e:
+        if not allow_partial:
+            raise
+        plan = m.plan(inv, where=where)  # structural problems stay errors
+        return Checked(m, src, plan, target, True, list(e.problems) or [str(e)])
 
 
 def _order_and_shard(plan: Plan, src: Source, dtypes: dict, shard_size: int) -> list[list[str]]:
@@ -432,11 +452,8 @@ def _staging_for(out: Path) -> Path:
     return out.parent / f".{out.name}.msconv-partial"
 
 
-def convert_checkpoint(src_path, mapping, out_dir, *, dtype: str = "keep", fmt: str = "safetensors",
-                       shard_size="5GB", overwrite: bool = False, target_inventory="auto", hash_source: bool = True,
-                       progress=None) -> Result:
-    """Convert `src_path` with `mapping` into `out_dir` (see the module docstring for the guarantees)."""
-    t0 = time.perf_counter()
+def _check_options(dtype: str, fmt: str, shard_size) -> int:
+    """Validate the output options before anything is opened; returns the shard size in bytes."""
     if dtype not in POLICY_DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(POLICY_DTYPES)}, got {dtype!r}")
     if fmt not in ("safetensors", "ckpt"):
@@ -447,9 +464,10 @@ def convert_checkpoint(src_path, mapping, out_dir, *, dtype: str = "keep", fmt: 
     shard_bytes = parse_size(shard_size)
     if shard_bytes <= 0:
         raise UserError(f"--shard-size must be positive, got {shard_size!r}")
-    m, src, plan, tdesc = plan_checkpoint(src_path, mapping, target_inventory)
+    return shard_bytes
 
-    out = Path(out_dir).resolve()
+
+def _check_output_folder(out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         raise OutputError(f"{out}: output folder exists; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
@@ -457,11 +475,12 @@ def convert_checkpoint(src_path, mapping, out_dir, *, dtype: str = "keep", fmt: 
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
         raise OutputError(f"{out}: refusing to replace a folder that is not an msconv output (no {MANIFEST_NAME}); "
                           "remove it or choose another --out")
-    want = POLICY_DTYPES[dtype]
-    dtypes = {k: policy_dtype(n.dtype, want, k) for k, n in plan.targets.items()}
-    shards = _order_and_shard(plan, src, dtypes, shard_bytes)
-    total = sum(nbytes(plan.targets[k].shape, dtypes[k]) for k in plan.targets)
 
+
+@contextmanager
+def _locked_staging(out: Path, need: int, what: str):
+    """The staging folder beside `out`, created under an exclusive lock after the free-space check; a stale
+    one (left by a killed run) is removed first. The lock file goes when the block ends."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = _staging_for(out)
     lockf = out.parent / f".{out.name}.msconv-lock"
@@ -474,33 +493,67 @@ def convert_checkpoint(src_path, mapping, out_dir, *, dtype: str = "keep", fmt: 
         if staging.exists():  # left by a killed run: we hold the lock, so nobody is using it
             shutil.rmtree(staging)
         free = shutil.disk_usage(out.parent).free
-        need = 2 * total if fmt == "ckpt" else total  # ckpt: the safetensors shards and model.ckpt
         if free < need:
             raise OutputError(f"{out.parent}: not enough disk space: the output needs {need / 1e9:.2f} GB"
-                              f"{' (safetensors + ckpt)' if fmt == 'ckpt' else ''}, {free / 1e9:.2f} GB free")
+                              f"{what}, {free / 1e9:.2f} GB free")
         staging.mkdir()
+        yield staging
+    finally:
+        os.close(lock_fd)
         try:
-            result = _write_all(m, src, plan, dtypes, shards, staging, total, progress, hash_source)
-            manifest = {
-                "msconv_manifest": 1,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "mapping": {"name": m.name, "version": m.version, "path": m.path,
-                            "sha256": _file_sha256(m.path) if m.path and os.path.isfile(m.path) else None},
-                "source": {"path": os.fspath(src_path), "files": result["sources"]},
-                "target_inventory": tdesc,
-                "dtype_policy": dtype,
-                "format": fmt,
-                "versions": _versions(),
-                "shards": result["shards"],
-                "total_size": total,
-                "dropped": plan.dropped,
-                "tensors": result["tensors"],
-            }
-            _atomic_json(staging / MANIFEST_NAME, manifest)
+            os.unlink(lockf)
+        except OSError:
+            pass
+
+
+def _manifest(c: Checked, src_path, written: dict, dtype: str, fmt: str, total: int) -> dict:
+    m, plan = c.mapping, c.plan
+    return {
+        "msconv_manifest": 1,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "mapping": {"name": m.name, "version": m.version, "path": m.path,
+                    "sha256": _file_sha256(m.path) if m.path and os.path.isfile(m.path) else None},
+        "source": {"path": os.fspath(src_path), "files": written["sources"]},
+        "target_inventory": c.target.description,
+        "target": c.target.record(),
+        "allow_partial": c.allow_partial,
+        "partial_problems": c.partial,
+        "dtype_policy": dtype,
+        "format": fmt,
+        "versions": _versions(),
+        "shards": written["shards"],
+        "total_size": total,
+        "dropped": plan.dropped,
+        "tensors": written["tensors"],
+    }
+
+
+def convert_checkpoint(src_path, mapping, out_dir, *, dtype: str = "keep", fmt: str = "safetensors",
+                       shard_size="5GB", overwrite: bool = False, target_inventory="auto", hash_source: bool = True,
+                       progress=None, config=None, allow_partial: bool = False) -> Result:
+    """Convert `src_path` with `mapping` into `out_dir` (see the module docstring for the guarantees)."""
+    t0 = time.perf_counter()
+    shard_bytes = _check_options(dtype, fmt, shard_size)
+    c = plan_checkpoint(src_path, mapping, target_inventory, config=config, allow_partial=allow_partial)
+    m, src, plan = c.mapping, c.source, c.plan
+    out = Path(out_dir).resolve()
+    _check_output_folder(out, overwrite)
+    want = POLICY_DTYPES[dtype]
+    dtypes = {k: policy_dtype(n.dtype, want, k) for k, n in plan.targets.items()}
+    shards = _order_and_shard(plan, src, dtypes, shard_bytes)
+    total = sum(nbytes(plan.targets[k].shape, dtypes[k]) for k in plan.targets)
+    need = 2 * total if fmt == "ckpt" else total  # ckpt: the safetensors shards and model.ckpt
+    with _locked_staging(out, need, " (safetensors + ckpt)" if fmt == "ckpt" else "") as staging:
+        try:
+            written = _write_all(m, src, plan, dtypes, shards, staging, total, progress, hash_source)
+            manifest = _manifest(c, src_path, written, dtype, fmt, total)
             if fmt == "ckpt":
                 from .ckpt import write_ckpt
 
-                write_ckpt([staging / s["file"] for s in result["shards"]], staging / "model.ckpt")
+                write_ckpt([staging / s["file"] for s in written["shards"]], staging / CKPT_NAME)
+                manifest["ckpt"] = {"file": CKPT_NAME, "size": (staging / CKPT_NAME).stat().st_size,
+                                    "sha256": _file_sha256(staging / CKPT_NAME)}
+            _atomic_json(staging / MANIFEST_NAME, manifest)
             _publish(staging, out, overwrite)
         except OSError as e:
             shutil.rmtree(staging, ignore_errors=True)
@@ -510,12 +563,6 @@ def convert_checkpoint(src_path, mapping, out_dir, *, dtype: str = "keep", fmt: 
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-    finally:
-        os.close(lock_fd)
-        try:
-            os.unlink(lockf)
-        except OSError:
-            pass
     files = sorted(str(p) for p in out.iterdir())
     return Result(str(out), files, len(plan.targets), total, time.perf_counter() - t0, manifest)
 
@@ -547,6 +594,39 @@ def _publish(staging: Path, out: Path, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _write_shard(pipe: "_Pipeline", path: Path, header: bytes, keys: list[str], plan: Plan, src: Source, dtypes: dict,
+                 done: int, total: int, progress, hasher) -> int:
+    """Write one shard (header, then each target's bytes) to `path`; every target's sha256 is taken from exactly
+    the bytes handed to the writer. Returns the running byte count."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        pipe.push(fd, memoryview(header), hash=False)
+        for k in keys:
+            node = plan.targets[k]
+            pipe.begin(k)
+            pieces = byte_pieces(node, src) if dtypes[k] == node.dtype else None
+            if pieces is not None:
+                for p in pieces:
+                    done = _copy_piece(pipe, fd, p, done, total, progress, hasher)
+            else:
+                arr = _materialize(node, src, dtypes[k], k, hasher)
+                flat = memoryview(np.require(arr, requirements="C").reshape(-1).view(np.uint8))
+                for i in range(0, len(flat), CHUNK):
+                    pipe.push(fd, flat[i:i + CHUNK])
+                    done += min(CHUNK, len(flat) - i)
+                    if progress:
+                        progress(done, total)
+                del arr, flat
+            pipe.end(k)
+        pipe.drain()
+    except BaseException:
+        pipe.abort()
+        raise
+    finally:
+        os.close(fd)
+    return done
+
+
 def _write_all(m: Mapping, src: Source, plan: Plan, dtypes: dict, shards: list[list[str]], staging: Path,
                total: int, progress, hash_source: bool) -> dict:
     n = len(shards)
@@ -558,57 +638,28 @@ def _write_all(m: Mapping, src: Source, plan: Plan, dtypes: dict, shards: list[l
         hasher.start()
     pipe = _Pipeline()
     done = 0
-    tensors_out = []
     shard_info = []
-    weight_map = {}
     meta = {"format": "ms", "msconv_mapping": m.name}
     try:
         for name, keys in zip(names, shards):
             header, _ = build_header([(k, dtypes[k], plan.targets[k].shape) for k in keys], meta)
             tmp = staging / (name + ".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                pipe.push(fd, memoryview(header), hash=False)
-                for k in keys:
-                    node = plan.targets[k]
-                    pipe.begin(k)
-                    pieces = byte_pieces(node, src) if dtypes[k] == node.dtype else None
-                    if pieces is not None:
-                        for p in pieces:
-                            done = _copy_piece(pipe, fd, p, done, total, progress, hasher)
-                    else:
-                        arr = _materialize(node, src, dtypes[k], k, hasher)
-                        flat = memoryview(np.require(arr, requirements="C").reshape(-1).view(np.uint8))
-                        for i in range(0, len(flat), CHUNK):
-                            pipe.push(fd, flat[i:i + CHUNK])
-                            done += min(CHUNK, len(flat) - i)
-                            if progress:
-                                progress(done, total)
-                        del arr, flat
-                    pipe.end(k)
-                    weight_map[k] = name
-                pipe.drain()
-            except BaseException:
-                pipe.abort()
-                raise
-            finally:
-                os.close(fd)
+            done = _write_shard(pipe, tmp, header, keys, plan, src, dtypes, done, total, progress, hasher)
             os.replace(tmp, staging / name)
-            shard_info.append({"file": name, "size": (staging / name).stat().st_size, "tensors": len(keys)})
-        for name, keys in zip(names, shards):
-            for k in keys:
-                tensors_out.append({"key": k, "shape": list(plan.targets[k].shape), "dtype": dtypes[k], "file": name,
-                                    "sha256": pipe.digests[k]})
+            shard_info.append({"file": name, "size": (staging / name).stat().st_size, "tensors": len(keys),
+                               "header_sha256": hashlib.sha256(header).hexdigest()})
+        tensors_out = [{"key": k, "shape": list(plan.targets[k].shape), "dtype": dtypes[k], "file": name,
+                        "sha256": pipe.digests[k]} for name, keys in zip(names, shards) for k in keys]
+        weight_map = {t["key"]: t["file"] for t in tensors_out}
         _atomic_json(staging / INDEX_NAME, {"metadata": {"total_size": total, "format": "ms", "msconv_mapping": m.name},
                                             "weight_map": dict(sorted(weight_map.items()))})
-        sources = []
         if hasher:
             hasher.release()
             hasher.join()
             if hasher.error:
                 raise hasher.error
-        for f in src.files:
-            sources.append({"path": f, "size": os.path.getsize(f), "sha256": hasher.result.get(f) if hasher else None})
+        sources = [{"path": f, "size": os.path.getsize(f), "sha256": hasher.result.get(f) if hasher else None}
+                   for f in src.files]
         return {"shards": shard_info, "tensors": tensors_out, "sources": sources}
     finally:
         pipe.close()

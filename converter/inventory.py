@@ -2,7 +2,8 @@
 
 The JSON form is shared by the upstream manifests (`../shared/upstream/manifests/*.json`) and the target
 inventories (`mappings/targets/<mapping>.json`): `{"tensors": [{"key": ..., "shape": [...], "dtype": "F32"}]}`;
-other fields are ignored.
+other fields are ignored. The manifests shipped in the package (`mappings/manifests/*.json`) use the compact
+form `{"tensors": {key: [shape, dtype]}}`, read the same way.
 """
 from __future__ import annotations
 
@@ -26,8 +27,13 @@ def load_inventory(path: str | os.PathLike) -> Inventory:
     except json.JSONDecodeError as e:
         raise FormatError(f"{p}: not valid JSON ({e})") from None
     items = d.get("tensors") if isinstance(d, dict) else None
+    if isinstance(items, dict):  # the compact form of the shipped manifests: {key: [shape, dtype]}
+        try:
+            items = [{"key": k, "shape": v[0], "dtype": v[1]} for k, v in items.items()]
+        except (TypeError, IndexError, KeyError):
+            raise FormatError(f"{p}: a 'tensors' object maps each key to [shape, dtype]") from None
     if not isinstance(items, list):
-        raise FormatError(f"{p}: inventory needs a 'tensors' list of {{key, shape, dtype}}")
+        raise FormatError(f"{p}: inventory needs a 'tensors' list of {{key, shape, dtype}} (or {{key: [shape, dtype]}})")
     inv: Inventory = {}
     for i, t in enumerate(items):
         try:

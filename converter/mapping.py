@@ -27,9 +27,8 @@ from .ops import Ctx, Op, parse_op
 from .tensor import DTYPES, POLICY_DTYPES, as_storage, cast_storage, from_storage, policy_dtype
 
 PROJECT = Path(__file__).resolve().parents[1]
-MAPPINGS_DIR = PROJECT / "mappings"
-SHARED = PROJECT.parent / "shared"
-MANIFESTS_DIR = SHARED / "upstream" / "manifests"
+MAPPINGS_DIR = PROJECT / "mappings"  # installed as the `mappings` package beside `converter`
+MANIFESTS_DIR = MAPPINGS_DIR / "manifests"  # shipped copies of ../shared/upstream/manifests (tools/ship_manifests.py)
 
 _PH = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 TOP_KEYS = {"name", "version", "description", "source", "target", "vars", "rules", "align", "include", "notes"}
@@ -138,6 +137,19 @@ class Node:
         if self.is_leaf:
             return [self.key]
         return [k for n in self.inputs for k in n.leaves()]
+
+
+@dataclass
+class _PlanState:
+    """What planning carries from rule to rule: the keys present (source leaves and produced nodes) and the
+    findings so far."""
+
+    state: dict  # key -> Node
+    dropped: dict = field(default_factory=dict)
+    consumed_by: dict = field(default_factory=dict)  # source key -> rule label
+    fired: set = field(default_factory=set)
+    problems: list = field(default_factory=list)
+    vars_cache: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -283,11 +295,12 @@ class Mapping:
         if not ref:
             return None
         cands = []
+        if self.path:
+            cands.append(Path(self.path).parent / ref)  # relative to the yaml (an absolute ref stays itself)
         if manifests:
             cands.append(MANIFESTS_DIR / ref)
-        if self.path:
-            cands.append(Path(self.path).parent / ref)
-        cands.append(Path(ref))
+        if Path(ref).is_absolute():
+            cands.append(Path(ref))
         for c in cands:
             if c.exists():
                 return c
@@ -382,108 +395,114 @@ class Mapping:
         listing every problem, or return the Plan."""
         src_inv = {k: (tuple(s), d) for k, (s, d) in source_inventory.items()}
         tgt_inv = None if target_inventory is None else {k: (tuple(s), d) for k, (s, d) in target_inventory.items()}
-        where = where or ""
-        problems: list[str] = []
-        vars_cache: dict[int, dict] = {}
-        state: dict[str, Node] = {k: Node(s, d, key=k) for k, (s, d) in src_inv.items()}
-        dropped: dict[str, str] = {}
-        consumed_by: dict[str, str] = {}
-        fired: set[int] = set()
-
+        st = _PlanState({k: Node(s, d, key=k) for k, (s, d) in src_inv.items()})
         for ri, rule in enumerate(self.rules):
-            keys = list(state)
-            bindings: dict[tuple, dict] = {}
-            for rx in rule.src_re:
-                for k in keys:
-                    m = rx.match(k)
-                    if m:
-                        b = m.groupdict()
-                        bindings.setdefault(tuple(sorted(b.items())), b)
-            if not bindings:
-                continue
-            fired.add(ri)
-            matches = []
-            used: dict[str, int] = {}
-            for b in bindings.values():
-                srcs = [_fill(p, b) for p in rule.sources]
-                absent = [s for s in srcs if s not in state]
-                if absent:
-                    have = [s for s in srcs if s in state]
-                    problems.append(f"key {absent[0]!r} is needed by {rule.label} together with {have[0]!r} but is absent")
-                    for s in have:  # claimed by this rule: do not report them again as unknown
-                        if s not in used:
-                            consumed_by.setdefault(s, rule.label)
-                            state.pop(s)
-                    continue
-                dup = [s for s in srcs if s in used]
-                if dup or len(set(srcs)) != len(srcs):
-                    problems.append(f"{rule.label}: key {(dup or srcs)[0]!r} is matched twice by the same rule")
-                    continue
-                for s in srcs:
-                    used[s] = 1
-                matches.append((b, srcs))
-            consumed = {s: state.pop(s) for _, srcs in matches for s in srcs}
-            for s in consumed:
-                if s in src_inv and s not in consumed_by:
-                    consumed_by[s] = rule.label
-            if rule.drop is not None:
-                for s in consumed:
-                    dropped[s] = rule.drop
-                continue
-            if id(rule.scope) not in vars_cache:
-                vars_cache[id(rule.scope)] = self._vars(rule.scope, src_inv, tgt_inv)
-            vs = vars_cache[id(rule.scope)]
-            for b, srcs in matches:
-                tkeys = [_fill(t, b) for t in rule.targets]
-                nodes = [consumed[s] for s in srcs]
-                try:
-                    outs = self._apply_ops(rule, nodes, tkeys, vs, tgt_inv)
-                except MappingError as e:
-                    problems.append(f"{srcs[0]} {list(nodes[0].shape)}: {e}")
-                    continue
-                for tk, node in zip(tkeys, outs):
-                    if tk in state:
-                        prev = state[tk]
-                        by = prev.rule.label if prev.rule else "the source checkpoint (an unconsumed key)"
-                        problems.append(f"two rules produce {tk!r}: {by} and {rule.label}")
-                        continue
-                    state[tk] = node
-
-        unknown = [k for k, n in state.items() if n.is_leaf and n.rule is None]
-        if unknown:
-            known = list(consumed_by)
-            for i, k in enumerate(unknown):
-                near = []
-                if i < 20:  # hints for the first few only: difflib is quadratic
-                    near = difflib.get_close_matches(k, known, n=1, cutoff=0.6)
-                hint = f" (did you mean {near[0]!r}, matched by {consumed_by[near[0]]}?)" if near else ""
-                problems.append(f"key {k!r} {list(src_inv[k][0])} {src_inv[k][1]} matches no rule of mapping {self.name}{hint}")
-            for k in unknown:
-                del state[k]
+            self._apply_rule(ri, rule, st, src_inv, tgt_inv)
+        self._unconsumed(st, src_inv)
         if tgt_inv is not None:
-            missing = [k for k in tgt_inv if k not in state]
-            for k in missing:
-                problems.append(f"target {k!r} {list(tgt_inv[k][0])} is produced by no rule{self._needs_hint(k, src_inv)}")
-            for k, n in state.items():
-                if k not in tgt_inv:
-                    near = difflib.get_close_matches(k, list(tgt_inv), n=1, cutoff=0.5) if len(problems) < 20 else []
-                    hint = f" (did you mean {near[0]!r}?)" if near else ""
-                    problems.append(f"{n.rule.label if n.rule else 'mapping'} produces {k!r} {list(n.shape)} which the target inventory does not have{hint}")
-                    continue
-                ts, td = tgt_inv[k]
-                if tuple(n.shape) != ts:
-                    problems.append(f"{k!r} would be {list(n.shape)} but the target expects {list(ts)} (from {', '.join(n.leaves())})")
-                if check_dtypes and n.dtype != td:
-                    problems.append(f"{k!r} would be {n.dtype} but the target expects {td}")
-                elif DTYPES[n.dtype][3] != DTYPES.get(td, (0, 0, 0, "?"))[3]:
-                    problems.append(f"{k!r} is {n.dtype} but the target expects {td} (different kind)")
-        if problems:
+            self._against_inventory(st, src_inv, tgt_inv, check_dtypes)
+        if st.problems:
             head = f"{where}: " if where else ""
-            raise MappingError(f"{head}mapping {self.name}: {len(problems)} problem(s): " + summarize(problems), problems)
-        unused = [r.label for i, r in enumerate(self.rules) if i not in fired]
+            raise MappingError(f"{head}mapping {self.name}: {len(st.problems)} problem(s): " + summarize(st.problems),
+                               st.problems)
+        unused = [r.label for i, r in enumerate(self.rules) if i not in st.fired]
         order = {k: i for i, k in enumerate(tgt_inv)} if tgt_inv else None
-        targets = dict(sorted(state.items(), key=lambda kv: order[kv[0]])) if order else dict(state)
-        return Plan(self, targets, dropped, unused, src_inv, tgt_inv)
+        targets = dict(sorted(st.state.items(), key=lambda kv: order[kv[0]])) if order else dict(st.state)
+        return Plan(self, targets, st.dropped, unused, src_inv, tgt_inv)
+
+    def _matches(self, rule: Rule, st: "_PlanState") -> list[tuple[dict, list[str]]]:
+        """(placeholder values, source keys) of every match of `rule` among the keys present before it runs;
+        incomplete multi-source matches and keys matched twice become problems."""
+        bindings: dict[tuple, dict] = {}
+        for rx in rule.src_re:
+            for k in list(st.state):
+                m = rx.match(k)
+                if m:
+                    b = m.groupdict()
+                    bindings.setdefault(tuple(sorted(b.items())), b)
+        matches, used = [], set()
+        for b in bindings.values():
+            srcs = [_fill(p, b) for p in rule.sources]
+            absent = [s for s in srcs if s not in st.state]
+            if absent:
+                have = [s for s in srcs if s in st.state]
+                st.problems.append(f"key {absent[0]!r} is needed by {rule.label} together with {have[0]!r} but is absent")
+                for s in have:  # claimed by this rule: do not report them again as unknown
+                    if s not in used:
+                        st.consumed_by.setdefault(s, rule.label)
+                        st.state.pop(s)
+                continue
+            dup = [s for s in srcs if s in used]
+            if dup or len(set(srcs)) != len(srcs):
+                st.problems.append(f"{rule.label}: key {(dup or srcs)[0]!r} is matched twice by the same rule")
+                continue
+            used.update(srcs)
+            matches.append((b, srcs))
+        return matches if bindings else None
+
+    def _apply_rule(self, ri: int, rule: Rule, st: "_PlanState", src_inv: dict, tgt_inv: dict | None) -> None:
+        """Consume the keys `rule` matches and add the nodes it produces (or record them as dropped)."""
+        matches = self._matches(rule, st)
+        if matches is None:
+            return
+        st.fired.add(ri)
+        consumed = {s: st.state.pop(s) for _, srcs in matches for s in srcs}
+        for s in consumed:
+            if s in src_inv and s not in st.consumed_by:
+                st.consumed_by[s] = rule.label
+        if rule.drop is not None:
+            for s in consumed:
+                st.dropped[s] = rule.drop
+            return
+        if id(rule.scope) not in st.vars_cache:
+            st.vars_cache[id(rule.scope)] = self._vars(rule.scope, src_inv, tgt_inv)
+        vs = st.vars_cache[id(rule.scope)]
+        for b, srcs in matches:
+            tkeys = [_fill(t, b) for t in rule.targets]
+            nodes = [consumed[s] for s in srcs]
+            try:
+                outs = self._apply_ops(rule, nodes, tkeys, vs, tgt_inv)
+            except MappingError as e:
+                st.problems.append(f"{srcs[0]} {list(nodes[0].shape)}: {e}")
+                continue
+            for tk, node in zip(tkeys, outs):
+                if tk in st.state:
+                    prev = st.state[tk]
+                    by = prev.rule.label if prev.rule else "the source checkpoint (an unconsumed key)"
+                    st.problems.append(f"two rules produce {tk!r}: {by} and {rule.label}")
+                    continue
+                st.state[tk] = node
+
+    def _unconsumed(self, st: "_PlanState", src_inv: dict) -> None:
+        """Source keys no rule consumed are problems (with a did-you-mean for the first few); they leave the state."""
+        unknown = [k for k, n in st.state.items() if n.is_leaf and n.rule is None]
+        known = list(st.consumed_by)
+        for i, k in enumerate(unknown):
+            near = difflib.get_close_matches(k, known, n=1, cutoff=0.6) if i < 20 else []  # difflib is quadratic
+            hint = f" (did you mean {near[0]!r}, matched by {st.consumed_by[near[0]]}?)" if near else ""
+            st.problems.append(f"key {k!r} {list(src_inv[k][0])} {src_inv[k][1]} matches no rule of mapping {self.name}{hint}")
+        for k in unknown:
+            del st.state[k]
+
+    def _against_inventory(self, st: "_PlanState", src_inv: dict, tgt_inv: dict, check_dtypes: bool) -> None:
+        """The produced keys must equal the target inventory: names, shapes, dtype kinds (or dtypes)."""
+        for k in tgt_inv:
+            if k not in st.state:
+                st.problems.append(f"target {k!r} {list(tgt_inv[k][0])} is produced by no rule{self._needs_hint(k, src_inv)}")
+        for k, n in st.state.items():
+            if k not in tgt_inv:
+                near = difflib.get_close_matches(k, list(tgt_inv), n=1, cutoff=0.5) if len(st.problems) < 20 else []
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                st.problems.append(f"{n.rule.label if n.rule else 'mapping'} produces {k!r} {list(n.shape)} which the "
+                                   f"target inventory does not have{hint}")
+                continue
+            ts, td = tgt_inv[k]
+            if tuple(n.shape) != ts:
+                st.problems.append(f"{k!r} would be {list(n.shape)} but the target expects {list(ts)} (from {', '.join(n.leaves())})")
+            if check_dtypes and n.dtype != td:
+                st.problems.append(f"{k!r} would be {n.dtype} but the target expects {td}")
+            elif DTYPES[n.dtype][3] != DTYPES.get(td, (0, 0, 0, "?"))[3]:
+                st.problems.append(f"{k!r} is {n.dtype} but the target expects {td} (different kind)")
 
     def _needs_hint(self, target_key: str, src_inv: dict) -> str:
         """For a target nobody produced: which source keys would the rules need (first rule that fits)?"""

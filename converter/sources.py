@@ -40,6 +40,8 @@ class Source:
         self.tensors: dict[str, TensorInfo | MemTensor] = {}
         self.metadata: dict[str, str] = {}
         self._open()
+        if not self.tensors:
+            raise FormatError(f"{self.path}: holds no tensors (an empty checkpoint converts to nothing)")
 
     # -- opening ------------------------------------------------------------------------------------------
     def _add(self, key, info, where):
@@ -63,6 +65,8 @@ class Source:
             assert isinstance(wmap, dict)
         except Exception as e:
             raise FormatError(f"{index}: not a valid safetensors index ({e.__class__.__name__}: needs a 'weight_map' object)") from None
+        if not wmap:
+            raise FormatError(f"{index}: the index's weight_map lists no tensors")
         base = os.path.dirname(index)
         by_file: dict[str, set] = {}
         for k, fn in wmap.items():

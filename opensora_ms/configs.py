@@ -177,3 +177,184 @@ class TilingKnobs:
         t, h, w = input_size
         r, s = self.time_compression_ratio, self.spatial_compression_ratio
         return [(t - 1) // r + 1, (h - 1) // s + 1, (w - 1) // s + 1]
+
+
+# ------------------------------------------------------------------------------------------------ Video DC-AE
+@dataclass
+class DCAEEncoderConfig:
+    """Upstream's `EncoderConfig` (opensora/models/dc_ae/models/dc_ae.py); only the video path (`is_video`) with
+    the block types the released F32T4C128 checkpoint uses is built."""
+
+    in_channels: int = 3
+    latent_channels: int = 32
+    width_list: tuple = (128, 256, 512, 512, 1024, 1024)
+    depth_list: tuple = (2, 2, 2, 2, 2, 2)
+    block_type: object = "ResBlock"
+    norm: str = "rms2d"
+    act: str = "silu"
+    downsample_block_type: str = "ConvPixelUnshuffle"
+    downsample_match_channel: bool = True
+    downsample_shortcut: Optional[str] = "averaging"
+    out_norm: Optional[str] = None
+    out_act: Optional[str] = None
+    out_shortcut: Optional[str] = "averaging"
+    double_latent: bool = False
+    is_video: bool = False
+    temporal_downsample: tuple = ()
+    tune_channel_proj: bool = False
+
+
+@dataclass
+class DCAEDecoderConfig:
+    """Upstream's `DecoderConfig`."""
+
+    in_channels: int = 3
+    latent_channels: int = 32
+    in_shortcut: Optional[str] = "duplicating"
+    width_list: tuple = (128, 256, 512, 512, 1024, 1024)
+    depth_list: tuple = (2, 2, 2, 2, 2, 2)
+    block_type: object = "ResBlock"
+    norm: object = "rms2d"
+    act: object = "silu"
+    upsample_block_type: str = "ConvPixelShuffle"
+    upsample_match_channel: bool = True
+    upsample_shortcut: str = "duplicating"
+    out_norm: str = "rms2d"
+    out_act: str = "relu"
+    is_video: bool = False
+    temporal_upsample: tuple = ()
+    tune_channel_proj: bool = False
+
+
+def _sub_from_dict(cls, d, where):
+    if isinstance(d, cls):
+        return d
+    d = dict(d or {})
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown}")
+    for k in ("width_list", "depth_list", "temporal_downsample", "temporal_upsample"):
+        if k in d:
+            d[k] = tuple(d[k])
+    for k in ("block_type", "norm", "act"):
+        if isinstance(d.get(k), tuple):
+            d[k] = list(d[k])
+    return cls(**d)
+
+
+@dataclass
+class DCAEConfig:
+    """Upstream's `DCAEConfig` (field names and defaults of dc_ae.py). `scaling_factor` defaults to upstream's
+    inference config (None: latents unscaled; training used 0.493, ../shared/upstream/SPEC.md §8)."""
+
+    in_channels: int = 3
+    latent_channels: int = 32
+    time_compression_ratio: int = 1
+    spatial_compression_ratio: int = 32
+    encoder: DCAEEncoderConfig = dataclasses.field(default_factory=DCAEEncoderConfig)
+    decoder: DCAEDecoderConfig = dataclasses.field(default_factory=DCAEDecoderConfig)
+    use_quant_conv: bool = False
+    pretrained_path: Optional[str] = None
+    pretrained_source: str = "dc-ae"
+    scaling_factor: Optional[float] = None
+    is_image_model: bool = False
+    tune_channel_proj: bool = False
+    train_decoder_only: bool = False
+    is_training: bool = False
+    use_spatial_tiling: bool = False
+    use_temporal_tiling: bool = False
+    spatial_tile_size: int = 256
+    temporal_tile_size: int = 32
+    tile_overlap_factor: float = 0.25
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DCAEConfig":
+        """Build from a config dict (nested `encoder` / `decoder` dicts); unknown fields raise. Sub-configs inherit
+        `in_channels` / `latent_channels` when they do not set them (upstream's `${..in_channels}`)."""
+        if isinstance(d, cls):
+            return d
+        d = dict(d)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"DCAEConfig: unknown field(s) {unknown}")
+        top = {k: d[k] for k in ("in_channels", "latent_channels") if k in d}
+        for key, sub in (("encoder", DCAEEncoderConfig), ("decoder", DCAEDecoderConfig)):
+            v = d.get(key, {})
+            if isinstance(v, dict):
+                v = {**{k: top.get(k, getattr(cls, k)) for k in ("in_channels", "latent_channels")}, **v}
+            d[key] = _sub_from_dict(sub, v, f"DCAEConfig.{key}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        def plain(v):
+            if isinstance(v, dict):
+                return {k: plain(x) for k, x in v.items()}
+            if isinstance(v, (tuple, list)):
+                return [plain(x) for x in v]
+            return v
+
+        return plain(dataclasses.asdict(self))
+
+    @property
+    def spatial_tile_latent_size(self) -> int:
+        return self.spatial_tile_size // self.spatial_compression_ratio
+
+    @property
+    def temporal_tile_latent_size(self) -> int:
+        return self.temporal_tile_size // self.time_compression_ratio
+
+
+__all__ += ["DCAEConfig", "DCAEEncoderConfig", "DCAEDecoderConfig"]
+
+
+@dataclass
+class AutoEncoderConfig:
+    """Upstream's Flux 2D AE config (``opensora/models/vae/autoencoder_2d.py``; defaults = its ``autoencoder_2d``
+    registry function, i.e. ``flux1-dev-ae.safetensors``). GroupNorm has 32 groups (eps 1e-6) everywhere, fixed
+    by upstream's code, so every width ``ch * m`` must be a multiple of 32."""
+
+    from_pretrained: Optional[str] = None
+    cache_dir: Optional[str] = None
+    resolution: int = 256
+    in_channels: int = 3
+    ch: int = 128
+    out_ch: int = 3
+    ch_mult: tuple = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 16
+    scale_factor: float = 0.3611
+    shift_factor: float = 0.1159
+    sample: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AutoEncoderConfig":
+        """Unknown fields raise; `type` (upstream's registry name) must be "autoencoder_2d" if present."""
+        d = dict(d)
+        typ = d.pop("type", "autoencoder_2d")
+        if typ != "autoencoder_2d":
+            raise ValueError(f"AutoEncoderConfig: unsupported model type {typ!r} (expected 'autoencoder_2d')")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"AutoEncoderConfig: unknown field(s) {unknown}")
+        if "ch_mult" in d:
+            d["ch_mult"] = tuple(int(m) for m in d["ch_mult"])
+        cfg = cls(**d)
+        bad = [cfg.ch * m for m in cfg.ch_mult if (cfg.ch * m) % 32]
+        if bad:
+            raise ValueError(f"AutoEncoderConfig: widths {bad} are not multiples of GroupNorm's 32 groups")
+        return cfg
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["ch_mult"] = list(d["ch_mult"])
+        return d
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+__all__ += ["AutoEncoderConfig"]

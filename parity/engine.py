@@ -148,10 +148,18 @@ class RunResult:
     module_paths: set[str] | None = None     # torch module paths (torch runs only)
 
 
+def run_config(case: Case, **extra) -> dict:
+    """The case config as the adapters' `run_*` get it: plus the names of the outputs the case holds
+    (`parity.adapters.base.WANT`), so an adapter skips calls nobody compares."""
+    from parity.adapters.base import WANT
+
+    return dict(case.config, **{WANT: list(case.outputs_reader().keys())}, **extra)
+
+
 def _run_torch(adapter, case: Case, weights, inputs, dtype: str, work: Path, tag: str, filt: ModuleFilter,
                hooks: bool, teacher=None, teacher_dtype: str | None = None) -> RunResult:
     model = build_torch_loaded(adapter, case.model_cfg, weights, dtype, where=str(case.file("weights")))
-    return _run(model, lambda: adapter.run_torch(model, inputs, case.config), work, tag, filt, hooks, teacher,
+    return _run(model, lambda: adapter.run_torch(model, inputs, run_config(case)), work, tag, filt, hooks, teacher,
                 teacher_dtype=teacher_dtype)
 
 
@@ -183,7 +191,7 @@ def record_teacher_inputs(adapter, case: Case, weights, inputs, dtype: str, work
     model = build_torch_loaded(adapter, case.model_cfg, weights, dtype, where=str(case.file("weights")))
     rec = TeacherRecorder(model, adapter.TEACHER_BLOCKS, work / "teacher_inputs.safetensors")
     with rec:
-        adapter.run_torch(model, inputs, case.config)
+        adapter.run_torch(model, inputs, run_config(case))
     del model
     return rec.inputs()
 
@@ -256,7 +264,7 @@ def replay(case_path, opts: ReplayOptions | None = None, **kw) -> dict:
             # the mapping's vars (its own and its includes', as planning reads them) off the case's weight shapes;
             # one that cannot be read is a MappingError naming it
             aligner = Aligner(getattr(mapping, "align", None) or [], mapping.resolve_vars(case.weight_shapes()))
-            case_cfg = dict(case.config, jit=True) if opts.jit else case.config
+            case_cfg = run_config(case, jit=True) if opts.jit else run_config(case)
             adapt = getattr(adapter, "teacher_adapt", None)
             cand = _run(net, lambda: adapter.run_ms(net, inputs, case_cfg), work, "candidate", filt, opts.hooks,
                         teacher, adapt=adapt, path_map=aligner.ms_path)
@@ -426,20 +434,34 @@ def _compare(case, opts, th, aligner, cand: RunResult, ref: HookStore, ref_outpu
 
 
 # ---------------------------------------------------------------------------------------------- dump
+# case-config keys that are prose for people (never read by a runner, never carried into a dump)
+PROSE_KEYS = ("call", "calls", "notes", "note")
+
+
 def load_config_arg(adapter, config: str) -> dict:
     """A preset name of the adapter, or a JSON file (a bare config or a case config holding CONFIG_NAME)."""
+    return load_case_config_arg(adapter, config)[0]
+
+
+def load_case_config_arg(adapter, config: str) -> tuple[dict, dict]:
+    """(model config, structured case-level fields such as `tiling`) from a preset name (its
+    `PRESET_CASE_FIELDS`) or a JSON file (a bare config, or a case config holding CONFIG_NAME and its fields)."""
     if config in getattr(adapter, "PRESETS", {}):
-        return dict(adapter.PRESETS[config])
+        fields = getattr(adapter, "PRESET_CASE_FIELDS", {}).get(config, {})
+        return dict(adapter.PRESETS[config]), json.loads(json.dumps(fields))
     p = Path(config)
     if p.is_file():
         try:
             d = json.loads(p.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ReplayError(f"--config {p}: not valid JSON ({e})") from e
-        d = d.get(adapter.CONFIG_NAME, d) if isinstance(d, dict) else d
+        fields = {}
+        if isinstance(d, dict) and adapter.CONFIG_NAME in d:
+            fields = {k: v for k, v in d.items() if k != adapter.CONFIG_NAME and k not in PROSE_KEYS}
+            d = d[adapter.CONFIG_NAME]
         if not isinstance(d, dict):
             raise ReplayError(f"--config {p}: expected a JSON object (the {adapter.CONFIG_NAME} fields)")
-        return dict(d)
+        return dict(d), fields
     raise ReplayError(f"--config {config!r}: not a preset ({', '.join(getattr(adapter, 'PRESETS', {}))}) nor a JSON file")
 
 
@@ -465,7 +487,12 @@ def dump(model: str, config: str | dict, out: str | Path, weights: str | Path | 
     import torch
 
     adapter = _adapters.by_name(model)
-    cfg = dict(config) if isinstance(config, dict) else load_config_arg(adapter, config)
+    if isinstance(config, dict):
+        cfg, fields = dict(config.get(adapter.CONFIG_NAME, config)), {
+            k: v for k, v in config.items() if adapter.CONFIG_NAME in config and k != adapter.CONFIG_NAME
+            and k not in PROSE_KEYS}
+    else:
+        cfg, fields = load_case_config_arg(adapter, config)
     prefix = Path(out)
     for suf in (".config.json",):
         if prefix.name.endswith(suf):
@@ -479,9 +506,12 @@ def dump(model: str, config: str | dict, out: str | Path, weights: str | Path | 
     else:
         wsrc = "seeded by the adapter's build_torch (seed 0): matrices N(0, 1/fan_in), scales 1+0.1N, biases 0.05N"
     tmodel.eval()
-    inp = SafetensorsReader(inputs) if inputs else None
-    inp = {k: inp.get(k) for k in inp.keys()} if inp else adapter.make_inputs(cfg, seed)
-    case_cfg = {adapter.CONFIG_NAME: cfg,
+    if inputs:
+        rd = SafetensorsReader(inputs)
+        inp = {k: rd.get(k) for k in rd.keys()}
+    else:
+        inp = adapter.make_inputs(cfg, seed, case_fields=fields) if fields else adapter.make_inputs(cfg, seed)
+    case_cfg = {adapter.CONFIG_NAME: cfg, **fields,
                 "call": f"msconv parity dump {model}: adapter.run_torch(model, inputs)",
                 "notes": [f"written by msconv parity dump from parity/reference ({model}); weights: {wsrc}; "
                           f"inputs: {'from ' + str(inputs) if inputs else f'make_inputs(seed={seed})'}"]}

@@ -29,13 +29,29 @@ rules:
   - {{source: "blk.{{i}}.proj.{{p}}", target: "blk.{{i}}.out.{{p}}"}}
   - {{source: "head.{{p}}", target: "head.{{p}}"}}
 """
+QKV_FILES = """source: {manifest: qkv_source.json}
+target: {inventory: qkv_targets.json}
+"""
+
+
+def _inventory_json(path: Path, inv: dict) -> Path:
+    path.write_text(json.dumps({"tensors": [{"key": k, "shape": list(s), "dtype": d} for k, (s, d) in inv.items()]}))
+    return path
 
 
 @pytest.fixture
 def qkv(tmp_path):
-    """(source file, mapping path) for the small fused-qkv case."""
+    """(source file, mapping path) for the small fused-qkv case. The mapping names its source manifest and target
+    inventory (files beside it), as the real mappings do, so the source is "the real checkpoint" of this mapping."""
+    from converter.mapping import Mapping
+
+    src_inv = {k: (v.shape, "F32") for k, v in torch_like_state().items()}
+    _inventory_json(tmp_path / "qkv_source.json", src_inv)
+    import yaml
+
+    _inventory_json(tmp_path / "qkv_targets.json", Mapping(yaml.safe_load(QKV_YAML.format(name="x"))).plan(src_inv).inventory())
     mp = tmp_path / "qkv_test.yaml"
-    mp.write_text(QKV_YAML.format(name="qkv_test"))
+    mp.write_text(QKV_YAML.format(name="qkv_test") + QKV_FILES)
     src = tmp_path / "src.safetensors"
     save_file(torch_like_state(), src)
     return src, mp
@@ -230,7 +246,7 @@ def test_concat_shape_mismatch_between_sources(cli, qkv, tmp_path):
 
 def test_two_rules_producing_one_target(cli, qkv, tmp_path):
     mp = tmp_path / "twice.yaml"
-    mp.write_text(QKV_YAML.format(name="twice") + '  - {source: "blk.{i}.extra.{p}", target: "blk.{i}.out.{p}"}\n')
+    mp.write_text(QKV_YAML.format(name="twice") + '  - {source: "blk.{i}.extra.{p}", target: "blk.{i}.out.{p}"}\n' + QKV_FILES)
     sd = torch_like_state()
     sd["blk.0.extra.weight"] = np.zeros((8, 8), np.float32)
     src = tmp_path / "twice.safetensors"
@@ -378,8 +394,25 @@ def test_bad_options(cli, qkv, tmp_path):
 
 
 def test_validate_command(cli):
-    res = cli("validate", "video_dc_ae")
-    assert res.exit_code == 0 and "339 source keys -> 339 targets" in res.stdout
+    res = cli("validate", "mmdit_opensora_v2")
+    assert res.exit_code == 0 and "1082 source keys -> 778 targets" in res.stdout, res.output
+    assert "target inventory: mmdit_opensora_v2 target inventory" in res.stdout
+
+
+def test_validate_without_target_inventory_fails_unless_allow_partial(cli, tmp_path):
+    """A mapping whose model has no inventory does not validate silently."""
+    import yaml
+
+    from converter.mapping import MAPPINGS_DIR
+
+    d = yaml.safe_load((MAPPINGS_DIR / "hunyuan_vae.yaml").read_text())
+    d["name"], d["target"] = "vae_no_inventory", {"model": "no_such_model"}
+    d["source"]["manifest"] = str(MAPPINGS_DIR / "manifests" / "hunyuan_vae.json")
+    mp = tmp_path / "vae_no_inventory.yaml"
+    mp.write_text(yaml.safe_dump(d))
+    _one_line_error(cli("validate", mp), "no inventory for model 'no_such_model'", "--allow-partial")
+    res = cli("validate", mp, "--allow-partial")
+    assert res.exit_code == 0 and "PARTIAL" in res.stdout and "248 source keys -> 248 targets" in res.stdout, res.output
 
 
 def test_parity_subcommand_is_mounted(cli):

@@ -43,6 +43,16 @@ def mapping_path(name: str) -> Path:
     return p
 
 
+def partial_args(mapping) -> list[str]:
+    """`--allow-partial` for a mapping whose model has no inventory entry yet (converter.targets.MODELS; the
+    DC-AE today): such a conversion fails without it. Once the model is registered these tests check it fully."""
+    from converter.targets import MODELS
+
+    m = load_mapping(mapping)
+    models = [s.target.get("model") for s, _, _ in m.includes] if m.target.get("model") is None else [m.target.get("model")]
+    return [] if all(x in MODELS for x in models) else ["--allow-partial"]
+
+
 def _same(a: dict, b: dict):
     assert set(a) == set(b), (sorted(set(a) ^ set(b)))[:5]
     for k in a:
@@ -54,7 +64,7 @@ def test_tiny_roundtrip_bit_exact(cli, tmp_path, case, mapping):
     src = TINY / f"{case}.weights.safetensors"
     out = tmp_path / "ms"
     mp = mapping_path(mapping)
-    res = cli("convert", src, "--mapping", mp, "--out", out, "--shard-size", "300KB")
+    res = cli("convert", src, "--mapping", mp, "--out", out, "--shard-size", "300KB", *partial_args(mp))
     assert res.exit_code == 0, res.output
     source = Source(src)
     pt = source.load()
@@ -96,7 +106,8 @@ def test_real_mappings_have_target_inventories():
 
 def test_mapping_inventories_resolve():
     assert load_mapping("video_dc_ae").source_manifest() == load_inventory(MANIFESTS / "video_dc_ae_f32t4c128.json")
-    assert load_mapping("video_dc_ae").target_inventory() is None  # no targets/video_dc_ae.json: "no inventory"
+    tpath = ROOT / "mappings" / "targets" / "video_dc_ae.json"  # being added with the MindSpore DC-AE
+    assert load_mapping("video_dc_ae").target_inventory() == (load_inventory(tpath) if tpath.is_file() else None)
     pipe = load_mapping("pipeline_opensora_v2")
     man = pipe.source_manifest()
     assert sum(k.startswith("mmdit.") for k in man) == 1082 and sum(k.startswith("vae.") for k in man) == 248
@@ -160,18 +171,19 @@ def test_sharded_index_and_folder_sources(cli, tmp_path):
     """The converter's own sharded output is a valid sharded source (index or folder)."""
     src = TINY / "dc_ae_tiny.weights.safetensors"
     a = tmp_path / "a"
-    assert cli("convert", src, "--mapping", "video_dc_ae", "--out", a, "--shard-size", "200KB").exit_code == 0
+    assert cli("convert", src, "--mapping", "video_dc_ae", "--out", a, "--shard-size", "200KB", *partial_args("video_dc_ae")).exit_code == 0
     assert len(list(a.glob("model-*.safetensors"))) > 2
     for form in (a, a / "model.safetensors.index.json"):
         out = tmp_path / f"b{len(str(form))}"
-        res = cli("convert", form, "--mapping", "video_dc_ae", "--out", out)
+        res = cli("convert", form, "--mapping", "video_dc_ae", "--out", out, *partial_args("video_dc_ae"))
         assert res.exit_code == 0, res.output
         _same(Source(out).load(), Source(src).load())
 
 
 def test_index_naming_a_missing_shard(cli, tmp_path):
     a = tmp_path / "a"
-    assert cli("convert", TINY / "dc_ae_tiny.weights.safetensors", "--mapping", "video_dc_ae", "--out", a, "--shard-size", "200KB").exit_code == 0
+    assert cli("convert", TINY / "dc_ae_tiny.weights.safetensors", "--mapping", "video_dc_ae", "--out", a, "--shard-size", "200KB",
+               *partial_args("video_dc_ae")).exit_code == 0
     victim = sorted(a.glob("model-*.safetensors"))[1]
     victim.unlink()
     res = cli("inspect", a)
@@ -187,7 +199,7 @@ def test_torch_bin_source(cli, tmp_path):
     binf = tmp_path / "pytorch_model.bin"
     torch.save(sd, binf)
     out = tmp_path / "ms"
-    res = cli("convert", binf, "--mapping", "video_dc_ae", "--out", out)
+    res = cli("convert", binf, "--mapping", "video_dc_ae", "--out", out, *partial_args("video_dc_ae"))
     assert res.exit_code == 0, res.output
     ms = Source(out).load()
     for k, v in sd.items():

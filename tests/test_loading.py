@@ -1,6 +1,8 @@
 """Converted output loads into a MindSpore net strictly; `load_strict` reports every misfit."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -49,10 +51,16 @@ class Net(nn.Cell):
 
 @pytest.fixture
 def converted(tmp_path, cli):
-    mp = tmp_path / "qkv_net.yaml"
-    mp.write_text(YAML)
-    src = tmp_path / "pt.safetensors"
     sd = torch_like_state()
+    # like the real mappings, the yaml names the source manifest and the target inventory (the MindSpore net's
+    # own parameters), which every conversion is checked against
+    (tmp_path / "pt_manifest.json").write_text(json.dumps(
+        {"tensors": [{"key": k, "shape": list(v.shape), "dtype": "F32"} for k, v in sd.items()]}))
+    (tmp_path / "net_inventory.json").write_text(json.dumps(
+        {"tensors": [{"key": n, "shape": list(p.shape), "dtype": "F32"} for n, p in Net().parameters_and_names()]}))
+    mp = tmp_path / "qkv_net.yaml"
+    mp.write_text(YAML + "source: {manifest: pt_manifest.json}\ntarget: {inventory: net_inventory.json}\n")
+    src = tmp_path / "pt.safetensors"
     save_file(sd, src)
     out = tmp_path / "ms"
     res = cli("convert", src, "--mapping", mp, "--out", out, "--shard-size", "700B")

@@ -220,3 +220,53 @@ def test_conv3d_fused_upsample_matches_torch(xs, ws, up, pad_mode, mode, budget)
     assert got.shape == want.shape
     assert rel(got, want) <= 1e-5
     assert np.array_equal(oc.upsample_causal_nearest(Tensor(x), up).asnumpy(), xt.numpy())
+
+
+# ------------------------------------------------------------------------------------------------ groups
+# (x shape, weight shape, stride, padding, groups): depthwise k3 / k5 (LiteMLA aggregation, GLUMBConv), grouped
+# 1x1x1 (LiteMLA's per-head mix), a general grouped conv (2 input channels per group), strided depthwise
+GROUP_CASES = [
+    ((1, 6, 4, 5, 6), (6, 1, 3, 3, 3), 1, 1, 6),
+    ((2, 4, 3, 6, 5), (4, 1, 5, 5, 5), 1, 2, 4),
+    ((1, 12, 3, 4, 5), (12, 4, 1, 1, 1), 1, 0, 3),
+    ((2, 6, 2, 3, 3), (6, 2, 1, 1, 1), 1, 0, 3),
+    ((1, 4, 5, 6, 7), (6, 2, 3, 3, 3), 1, 1, 2),
+    ((1, 6, 6, 7, 8), (6, 1, 3, 3, 3), (2, 2, 2), 1, 6),
+]
+
+
+# depthwise runs MindSpore's own kernel either way; the GEMM paths also run as cached graphs
+GROUP_RUNS = [(*c, m) for c in GROUP_CASES for m in (("pynative",) if c[1][1] == 1 else ("pynative", "jit"))]
+
+
+@pytest.mark.parametrize("xs,ws,stride,padding,groups,mode", GROUP_RUNS)
+def test_conv3d_groups_matches_torch(xs, ws, stride, padding, groups, mode):
+    x, w, b = r(*xs), r(*ws), r(ws[0])
+    want = F.conv3d(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b), oc._triple(stride),
+                    oc._triple(padding), groups=groups).numpy()
+    oc.set_cpu_conv_jit(mode == "jit")
+    try:
+        got = oc.conv3d(Tensor(x), Tensor(w), Tensor(b), stride, padding, groups=groups).asnumpy()
+        got_nb = oc.conv3d(Tensor(x), Tensor(w), None, stride, padding, groups=groups).asnumpy()
+    finally:
+        oc.set_cpu_conv_jit("auto")
+    assert got.shape == want.shape
+    assert rel(got, want) < 1e-5
+    want_nb = F.conv3d(torch.from_numpy(x), torch.from_numpy(w), None, oc._triple(stride), oc._triple(padding),
+                       groups=groups).numpy()
+    assert rel(got_nb, want_nb) < 1e-5
+
+
+def test_conv3d_groups_with_replicate_pad_and_cell():
+    x, w = r(1, 4, 3, 5, 5), r(4, 1, 3, 3, 3)
+    want = F.conv3d(F.pad(torch.from_numpy(x), (1, 1, 1, 1, 2, 0), mode="replicate"), torch.from_numpy(w),
+                    groups=4).numpy()
+    got = oc.conv3d(Tensor(x), Tensor(w), None, pad=(1, 1, 1, 1, 2, 0), pad_mode="replicate", groups=4).asnumpy()
+    assert rel(got, want) < 1e-5
+    cell = oc.Conv3d(8, 8, 5, padding=2, groups=8, bias=False)
+    assert tuple(cell.weight.shape) == (8, 1, 5, 5, 5) and cell.bias is None
+    assert [n for n, _ in cell.parameters_and_names()] == ["weight"]
+    with pytest.raises(ValueError):
+        oc.Conv3d(6, 8, 3, groups=4)
+    with pytest.raises(ValueError):
+        oc.conv3d(Tensor(r(1, 6, 2, 3, 3)), Tensor(r(6, 1, 1, 1, 1)), groups=4)

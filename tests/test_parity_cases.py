@@ -23,7 +23,7 @@ TINY = Path(__file__).resolve().parents[1].parent / "shared" / "upstream" / "tin
 MMDIT = ["mmdit_tiny", "mmdit_flux_tiny", "mmdit_hc_tiny"]
 RUNS = [(c, m) for c in MMDIT for m in ("free", "teacher")] + [("hunyuan_vae_tiny", "free")]
 OUTPUTS = {"mmdit_tiny": {"output"}, "mmdit_flux_tiny": {"output"}, "mmdit_hc_tiny": {"output"},
-           "hunyuan_vae_tiny": {"z", "decoded", "tiling/dec_spatial+temporal_tiled"}}
+           "hunyuan_vae_tiny": {"z", "decoded", "tiling/sptp/dec_tiled", "z_sampled"}}
 
 runner = CliRunner()
 
@@ -122,16 +122,16 @@ def test_suite_writes_reports_and_one_line_per_case(tmp_path):
     lines = []
     from parity.ci import run_suite
 
-    rc = run_suite(TINY, tmp_path, ["torch", "mindspore"], ["free"], only=["mmdit_tiny", "dc_ae_tiny"],
+    rc = run_suite(TINY, tmp_path, ["torch", "mindspore"], ["free"], only=["mmdit_tiny", "pipeline_t2v_tiny"],
                    echo=lines.append)
     assert rc == 0, lines
     assert len(lines) == 2
     assert any(l.startswith("mmdit_tiny") and "torch: free PASS" in l and "mindspore: free PASS" in l for l in lines)
-    assert any(l.startswith("dc_ae_tiny") and "not covered" in l for l in lines)
+    assert any(l.startswith("pipeline_t2v_tiny") and "not covered" in l for l in lines)
     for fw in ("torch", "mindspore"):
         assert (tmp_path / "mmdit_tiny" / f"{fw}-free" / "report.json").is_file()
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert [e["case"] for e in summary] == ["dc_ae_tiny", "mmdit_tiny"]
+    assert [e["case"] for e in summary] == ["mmdit_tiny", "pipeline_t2v_tiny"]
 
 
 def test_dump_with_given_weights_and_inputs_reproduces_the_upstream_case(tmp_path):
@@ -147,6 +147,9 @@ def test_dump_with_given_weights_and_inputs_reproduces_the_upstream_case(tmp_pat
         ours, theirs = load_dict(tmp_path / f"re.{kind}.safetensors"), load_dict(f"{src}.{kind}.safetensors")
         assert set(theirs) <= set(ours)
         for k, v in theirs.items():
-            np.testing.assert_array_equal(ours[k], v, err_msg=k)
+            # fp32 GEMMs differ in the last bit across CPUs and thread counts: 1e-5 of max|ref| is ~100x that
+            # noise and far below any real bug (a 1% weight fault moves these outputs by >1e-3)
+            assert ours[k].shape == v.shape and ours[k].dtype == v.dtype, k
+            assert np.abs(ours[k].astype(np.float64) - v).max() <= 1e-5 * np.abs(v).max(), k
     assert json.loads((tmp_path / "re.hooks_aliases.json").read_text()) == json.loads(
         (TINY / "mmdit_tiny.hooks_aliases.json").read_text())

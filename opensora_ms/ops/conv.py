@@ -436,11 +436,83 @@ def _conv3d_cpu(x, weight, bias, stride, pads, mode, up, budget, use_jit):
     return _conv_strided(x, weight, bias, stride, budget, use_jit)
 
 
-def conv3d(x, weight, bias=None, stride=1, padding=0, pad=None, pad_mode="constant", upsample=None):
-    """torch.nn.functional.conv3d (groups 1, dilation 1, zero `padding`), NCDHW, weight (C_out, C_in, kt, kh, kw),
+def _conv_depthwise(x, weight, bias, stride):
+    """Depthwise valid conv of a padded (B, C, Tp, Hp, Wp) input, weight (C, 1, kt, kh, kw): MindSpore's own
+    grouped ``Conv3D`` (oneDNN has a depthwise kernel: ~10x torch's time, where a tap-sum of shifted products is
+    ~5x slower again in a graph and ~100x op by op, and im2col costs k^3 times the input)."""
+    y = ops.conv3d(x, weight, None, stride=stride, pad_mode="pad", padding=0, groups=x.shape[1])
+    if bias is not None:
+        y = y + bias.reshape(1, -1, 1, 1, 1)
+    return y
+
+
+_bmm = ops.BatchMatMul()
+
+
+def _conv_1x1_grouped(x, weight, bias, groups):
+    """1x1x1 grouped conv: one batched GEMM (groups, C_out/g, C_in/g) x (groups, C_in/g, N) per sample."""
+    b, ci = x.shape[0], x.shape[1]
+    sp = tuple(x.shape[2:])
+    co = weight.shape[0]
+    n = sp[0] * sp[1] * sp[2]
+    w3 = weight.reshape(groups, co // groups, ci // groups)
+    ys = []
+    for i in range(b):
+        xb = (x[i] if b > 1 else x).reshape(groups, ci // groups, n)
+        ys.append(_bmm(w3, xb).reshape(1, co, n))
+    y = ys[0] if b == 1 else ops.concat(ys, 0)
+    if bias is not None:
+        y = y + bias.reshape(1, co, 1)
+    return y.reshape((b, co) + sp)
+
+
+_conv_1x1_grouped_jit = ms.jit(_conv_1x1_grouped)
+
+
+def _conv3d_grouped_cpu(x, weight, bias, stride, pads, pad_mode, extra, up, groups):
+    co, cig, kt, kh, kw = weight.shape
+    ci = x.shape[1]
+    if ci != cig * groups or co % groups:
+        raise ValueError(f"conv3d: groups={groups} does not fit C_in={ci}, weight {tuple(weight.shape)}")
+    if up != (1, 1, 1):
+        x = upsample_causal_nearest(x, up)
+    if pad_mode == "constant":
+        pads = tuple(p + e for p, e in zip(pads, extra))
+    else:  # replicate first, then the zero `padding`
+        if any(pads):
+            x = _pad_cpu(x, pads, pad_mode)
+        pads = extra
+    if any(pads):
+        x = _pad_cpu(x, pads, "constant")
+    use = _USE_JIT[0]
+    if use == "auto":
+        n = x.shape[0] * x.shape[2] * x.shape[3] * x.shape[4]
+        use = 2.0 * co * cig * kt * kh * kw * n >= _JIT_MIN_FLOPS[0] / 8
+    if kt * kh * kw == 1:
+        if stride != (1, 1, 1):
+            x = _strided(x, (0, 0, 0, 0, 0), tuple(x.shape), (1, 1) + stride)
+        return (_conv_1x1_grouped_jit if use else _conv_1x1_grouped)(x, weight, bias, groups)
+    if cig == 1 and co == groups:
+        return _conv_depthwise(x, weight, bias, stride)
+    step_i, step_o = ci // groups, co // groups
+    outs = []
+    for g in range(groups):
+        xg = _slice(x, (0, g * step_i, 0, 0, 0), (x.shape[0], step_i) + tuple(x.shape[2:]))
+        wg = _slice(weight, (g * step_o, 0, 0, 0, 0), (step_o, cig, kt, kh, kw))
+        bg = None if bias is None else _slice(bias, (g * step_o,), (step_o,))
+        outs.append(_conv3d_cpu(xg, wg, bg, stride, (0,) * 6, "constant", (1, 1, 1), _BUDGET[0], bool(use)))
+    return ops.concat(outs, 1)
+
+
+def conv3d(x, weight, bias=None, stride=1, padding=0, pad=None, pad_mode="constant", upsample=None, groups=1):
+    """torch.nn.functional.conv3d (dilation 1, zero `padding`), NCDHW, weight (C_out, C_in, kt, kh, kw),
     of `x` first upsampled by `upsample` (ft, fh, fw; see `upsample_causal_nearest`), then padded by `pad` (F.pad
     order: (W_l, W_r, H_t, H_b, T_f, T_b)) in `pad_mode` ("constant" or "replicate"). On CPU the stride-1 path
-    builds each slab's upsampled, padded input itself: neither is ever materialised."""
+    builds each slab's upsampled, padded input itself: neither is ever materialised.
+    `groups` as torch (weight (C_out, C_in / groups, ...)); CPU: depthwise (groups = C_in = C_out) through
+    MindSpore's grouped kernel, 1x1x1 as one batched GEMM over the groups, anything else group by group through the
+    fast paths above."""
+    groups = int(groups)
     up = _triple(upsample) if upsample is not None else (1, 1, 1)
     stride = _triple(stride)
     padding = _triple(padding)
@@ -455,7 +527,9 @@ def conv3d(x, weight, bias=None, stride=1, padding=0, pad=None, pad_mode="consta
             x = upsample_causal_nearest(x, up)
         if any(pads):
             x = mint.nn.functional.pad(x, pads, mode=pad_mode)
-        return mint.nn.functional.conv3d(x, weight, bias, stride, padding)
+        return mint.nn.functional.conv3d(x, weight, bias, stride, padding, 1, groups)
+    if groups != 1:
+        return _conv3d_grouped_cpu(x, weight, bias, stride, pads, pad_mode, extra, up, groups)
     if any(extra):
         if pad_mode == "constant" or not any(pads):
             pads, pad_mode = tuple(p + e for p, e in zip(pads, extra)), "constant"
@@ -477,13 +551,16 @@ def conv3d(x, weight, bias=None, stride=1, padding=0, pad=None, pad_mode="consta
 
 
 class Conv3d(nn.Cell):
-    """torch.nn.Conv3d (zero padding, groups 1): `weight` (C_out, C_in, kt, kh, kw), `bias` (C_out).
+    """torch.nn.Conv3d (zero padding): `weight` (C_out, C_in / groups, kt, kh, kw), `bias` (C_out).
     `upsample`, `pad` / `pad_mode`: a causal nearest upsampling and an F.pad the cell applies to its input first (see
     `conv3d`); torch does both outside the conv, here the CPU kernel fuses them. The output is the same."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True, dtype=ms.float32,
-                 pad=None, pad_mode="constant", upsample=None):
+                 pad=None, pad_mode="constant", upsample=None, groups=1):
         super().__init__()
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"Conv3d: groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
+        self.groups = int(groups)
         self.pad = tuple(int(p) for p in pad) if pad is not None else None
         self.pad_mode = pad_mode
         self.upsample = tuple(int(f) for f in upsample) if upsample is not None else None
@@ -492,11 +569,12 @@ class Conv3d(nn.Cell):
         self.kernel_size = _triple(kernel_size)
         self.stride = _triple(stride)
         self.padding = _triple(padding)
-        self.weight = Parameter(initializer("normal", (out_channels, in_channels) + self.kernel_size, dtype))
+        self.weight = Parameter(initializer("normal", (out_channels, in_channels // self.groups) + self.kernel_size, dtype))
         self.bias = Parameter(initializer("zeros", (out_channels,), dtype)) if bias else None
 
     def construct(self, x):
-        return conv3d(x, self.weight, self.bias, self.stride, self.padding, self.pad, self.pad_mode, self.upsample)
+        return conv3d(x, self.weight, self.bias, self.stride, self.padding, self.pad, self.pad_mode, self.upsample,
+                      self.groups)
 
 
 class GroupNorm(nn.Cell):

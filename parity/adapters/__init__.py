@@ -16,8 +16,12 @@ from types import ModuleType
 
 # config name (the key in <case>.config.json) -> adapter module name
 BY_CONFIG = {
+    "T5Config": "t5",
+    "CLIPTextConfig": "clip",
     "MMDiTConfig": "mmdit",
     "AutoEncoder3DConfig": "hunyuan_vae",
+    "DCAEConfig": "dc_ae",
+    "AutoEncoderConfig": "flux_ae",
 }
 
 REQUIRED = ("CONFIG_NAME", "mapping_name", "build_torch", "build_ms", "run_torch", "run_ms", "TEACHER_BLOCKS",

@@ -4,19 +4,22 @@ Torch side: `parity/reference/hunyuan_vae.py` (upstream names). MindSpore side: 
 (same cell paths and parameter names), weights converted by `mappings/hunyuan_vae.yaml` (renames) and loaded with
 `opensora_ms.loading.load_strict`.
 
-`run_torch` / `run_ms` produce every output of the `hunyuan_vae_tiny` case (its `calls`):
+`run_torch` / `run_ms` follow the self-describing case format (../shared/upstream/tiny/README.md, "Cases"; helpers
+in `parity/adapters/base.py`) and produce what the case's inputs allow:
 
-| output | call |
-|---|---|
-| `z`, `posterior_mean`, `posterior_logvar` | `encode(x, sample_posterior=False, return_posterior=True)` |
-| `decoded` | `decode(z)` |
-| `z_first_frame`, `decoded_first_frame_latent` | `encode(x[:, :, :1])`, `decode(z_first_frame)` |
-| `z_sampled_gen_seed_7` | posterior sample with `torch.Generator().manual_seed(7)` noise (MindSpore gets the same noise as an input: RNG streams differ) |
-| `tiling/z_{v}`, `tiling/dec_{v}` for v in plain, spatial_tiled, temporal_tiled, spatial+temporal_tiled | `encode(x_tiling)` and `decode(tiling/z_plain)` with the case's small tiles |
+| input | outputs | call |
+|---|---|---|
+| `x` | `z`, `posterior_mean`, `posterior_logvar`, `decoded` | `encode(x, return_posterior=True)`, `decode(z)` |
+| `x` | `z_first_frame`, `decoded_first_frame_latent` | `encode(x[:, :, :1])`, its decode (this case family's 1-frame outputs) |
+| `posterior_eps` (+ `x`) | `z_sampled` | `scale * (mean + exp(logvar / 2) * posterior_eps - shift)` |
+| `x_<tag>` | `z_<tag>`, `decoded_<tag>` | as for `x` |
+| `z`, `z_<tag>` without the matching `x` | `decoded`, `decoded_<tag>` | decode-only cases |
+| `tiling/<n>/x` | `tiling/<n>/{z_plain, z_tiled, dec_tiled}` | `config.tiling.sizes` on the model, `config.tiling.cases[n]` flags |
+| `tiling/<n>/z` | `tiling/<n>/{dec_plain, dec_tiled}` | likewise |
 
-Hooks: the case's hooks cover exactly the first two calls (`encode(x)` then `decode(z)`); both run functions run
-those first and **pause every forward (pre-)hook** during the remaining calls, so layer captures and teacher forcing
-see the same calls as the case (the later calls would otherwise appear as extra `#n` captures).
+Hooks: a case's hooks cover exactly its first two calls (`encode(x)` then `decode(z)`, or `decode(z)` alone); both
+run functions make those first and **pause every forward (pre-)hook** during the remaining calls, so layer captures and
+teacher forcing see the same calls as the case.
 
 `case_cfg["jit"]` (from `msconv parity replay --jit`) runs the MindSpore encoder/decoder as whole `ms.jit` graphs
 (one compilation per tile shape); the default is PyNative (hooks), where large convolutions still run as cached
@@ -26,10 +29,10 @@ per-shape graphs (`opensora_ms.ops.conv.set_cpu_conv_jit`).
 from __future__ import annotations
 
 import contextlib
-import math
-import re
 
 import numpy as np
+
+from parity.adapters import base
 
 CONFIG_NAME = "AutoEncoder3DConfig"
 
@@ -42,6 +45,15 @@ TEACHER_BLOCKS = [
     "decoder.up_blocks.*.resnets.*",
     "decoder.up_blocks.*.upsamplers.0",
 ]
+
+# the tiny case's small tiles (upstream: 256 / 32 / 64 / 16), used by `make_inputs` / dumps
+_TINY_TILING = {
+    "sizes": {"tile_sample_min_size": 32, "tile_latent_min_size": 4, "tile_sample_min_tsize": 16,
+              "tile_latent_min_tsize": 4, "tile_overlap_factor": 0.25},
+    "cases": {"sp": {"use_spatial_tiling": True, "use_temporal_tiling": False},
+              "tp": {"use_spatial_tiling": False, "use_temporal_tiling": True},
+              "sptp": {"use_spatial_tiling": True, "use_temporal_tiling": True}},
+}
 
 PRESETS = {
     # = ../shared/upstream/tiny/hunyuan_vae_tiny.config.json
@@ -58,106 +70,105 @@ PRESETS = {
         "use_spatial_tiling": True, "use_temporal_tiling": False,
     },
 }
-
-# the case's small tiles (upstream: 256 / 32 / 64 / 16)
-DEFAULT_TILES = {"tile_sample_min_size": 32, "tile_latent_min_size": 4, "tile_sample_min_tsize": 16,
-                 "tile_latent_min_tsize": 4}
-TILING_VARIANTS = {"plain": (False, False), "spatial_tiled": (True, False), "temporal_tiled": (False, True),
-                   "spatial+temporal_tiled": (True, True)}
-SAMPLE_SEED = 7
+# case-level fields a dump of a preset writes beside the model config (structured, read back by run_*)
+PRESET_CASE_FIELDS = {"tiny": {"tiling": _TINY_TILING}}
 
 
 def _cfg_dict(cfg) -> dict:
-    if isinstance(cfg, dict):
-        return cfg.get(CONFIG_NAME, cfg)
-    import dataclasses
-
-    return dataclasses.asdict(cfg)
+    return base.cfg_dict(cfg, CONFIG_NAME)
 
 
 def mapping_name(cfg) -> str:
     return "hunyuan_vae"
 
 
-def tile_sizes(case_cfg: dict | None) -> dict:
-    """The tile sizes of the case's `calls["tiling/*"]` text (defaults: the tiny case's)."""
-    text = ((case_cfg or {}).get("calls") or {}).get("tiling/*", "")
-    out = dict(DEFAULT_TILES)
-    for k in out:
-        m = re.search(rf"\b{k}=(\d+)", text)
-        if m:
-            out[k] = int(m.group(1))
-    return out
-
-
-def sample_noise(shape, seed: int = SAMPLE_SEED) -> np.ndarray:
-    """The noise upstream draws for `posterior.sample(generator=torch.Generator().manual_seed(seed))` (fp32)."""
+def sample_noise(shape, seed: int) -> np.ndarray:
+    """The noise `posterior.sample(generator=torch.Generator().manual_seed(seed))` draws (fp32): the way to turn a
+    seed into a `posterior_eps` input that reproduces upstream's own sampling."""
     import torch
 
     return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float32).numpy()
 
 
-# ---------------------------------------------------------------------------------------------------------------- hooks
-@contextlib.contextmanager
-def _paused_torch_hooks(model):
-    saved = []
-    for m in model.modules():
-        saved.append((m, m._forward_hooks, m._forward_pre_hooks))
-        m._forward_hooks, m._forward_pre_hooks = type(m._forward_hooks)(), type(m._forward_pre_hooks)()
-    try:
-        yield
-    finally:
-        for m, fh, fph in saved:
-            m._forward_hooks, m._forward_pre_hooks = fh, fph
+# ---------------------------------------------------------------------------------------------------------------- calls
+def _outputs(model, inputs: dict, case_cfg: dict | None, t, n, paused) -> dict:
+    """Every output the inputs allow, in the case's call order; the framework enters through `t` (numpy -> tensor),
+    `n` (tensor -> numpy) and `paused` (a context without hooks). The same calls for torch and MindSpore."""
+    want = base.wants(case_cfg)
+    sizes, plan = base.tiling_plan(case_cfg)
+    out: dict[str, np.ndarray] = {}
+    first = [True]   # the first encode/decode pair runs with hooks; everything after it without
 
+    @contextlib.contextmanager
+    def later():
+        if first[0]:
+            first[0] = False
+            yield
+        else:
+            with paused():
+                yield
 
-@contextlib.contextmanager
-def _paused_ms_hooks(net):
-    saved = []
-    for _, c in net.cells_and_names():
-        saved.append((c, c.__dict__.get("_lazy_forward_hook"), c.__dict__.get("_lazy_forward_pre_hook")))
-        object.__setattr__(c, "_lazy_forward_hook", None)
-        object.__setattr__(c, "_lazy_forward_pre_hook", None)
-    try:
-        yield
-    finally:
-        for c, fh, fph in saved:
-            object.__setattr__(c, "_lazy_forward_hook", fh)
-            object.__setattr__(c, "_lazy_forward_pre_hook", fph)
+    def encode_decode(x, zname, dname, post=False, eps=None):
+        with later():
+            z, p = model.encode(x, sample_posterior=False, return_posterior=True)
+            out[zname] = n(z)
+            if want(dname):
+                out[dname] = n(model.decode(z))
+        if post:
+            out["posterior_mean"], out["posterior_logvar"] = n(p.mean), n(p.logvar)
+        if eps is not None:
+            # posterior sample with the case's noise, scaled as encode(sample_posterior=True) does
+            out["z_sampled"] = n(model.scale_factor * (p.sample(noise=t(eps)) - model.shift_factor))
 
+    def decode_only(z, dname):
+        with later():
+            out[dname] = n(model.decode(t(z)))
 
-@contextlib.contextmanager
-def _tiling(model, spatial: bool, temporal: bool, tiles: dict):
-    keep = {k: getattr(model, k) for k in list(tiles) + ["use_spatial_tiling", "use_temporal_tiling"]}
-    for k, v in tiles.items():
-        setattr(model, k, v)
-    model.use_spatial_tiling, model.use_temporal_tiling = spatial, temporal
-    try:
-        yield
-    finally:
-        for k, v in keep.items():
-            setattr(model, k, v)
+    with base.tiling(model, {}, False, False):
+        if "x" in inputs:
+            encode_decode(t(inputs["x"]), "z", "decoded", post=True, eps=inputs.get("posterior_eps"))
+            if want("z_first_frame", "decoded_first_frame_latent"):
+                with paused():
+                    zf = model.encode(t(inputs["x"])[:, :, :1], sample_posterior=False)
+                    out["z_first_frame"] = n(zf)
+                    if want("decoded_first_frame_latent"):
+                        out["decoded_first_frame_latent"] = n(model.decode(zf))
+        elif "z" in inputs:
+            decode_only(inputs["z"], "decoded")
+        for tag, name in base.tagged_inputs(inputs, "x").items():
+            encode_decode(t(inputs[name]), f"z_{tag}", f"decoded_{tag}")
+        for tag, name in base.tagged_inputs(inputs, "z").items():
+            if f"x_{tag}" not in inputs:
+                decode_only(inputs[name], f"decoded_{tag}")
+    for c in sorted(set(base.tiling_input_cases(inputs, "x")) | set(base.tiling_input_cases(inputs, "z"))):
+        if c not in plan:
+            raise base.AdapterError(f"input tiling/{c}/...: config.tiling.cases has no {c!r}")
+        sp, tm = plan[c]
+        with paused():
+            if f"tiling/{c}/x" in inputs:
+                x = t(inputs[f"tiling/{c}/x"])
+                with base.tiling(model, sizes, False, False):
+                    z_plain = model.encode(x, sample_posterior=False)
+                out[f"tiling/{c}/z_plain"] = n(z_plain)
+                with base.tiling(model, sizes, sp, tm):
+                    out[f"tiling/{c}/z_tiled"] = n(model.encode(x, sample_posterior=False))
+                    out[f"tiling/{c}/dec_tiled"] = n(model.decode(z_plain))
+            if f"tiling/{c}/z" in inputs:
+                z = t(inputs[f"tiling/{c}/z"])
+                with base.tiling(model, sizes, False, False):
+                    out[f"tiling/{c}/dec_plain"] = n(model.decode(z))
+                with base.tiling(model, sizes, sp, tm):
+                    out[f"tiling/{c}/dec_tiled"] = n(model.decode(z))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------- torch
 def init_weights_(model, seed: int = 0):
-    """The cases' weight recipe: matrices/kernels N(0, 1/fan_in), norm weights 1 + 0.1 N, biases 0.05 N."""
+    """The cases' weight recipe (`base.init_weights_`); GroupNorm weights are the scales."""
     import torch
 
-    g = torch.Generator().manual_seed(seed)
     norms = {n for n, m in model.named_modules() if isinstance(m, torch.nn.GroupNorm)}
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            owner, leaf = name.rsplit(".", 1)
-            if p.ndim >= 2:
-                fan_in = int(np.prod(p.shape[1:]))
-                v = torch.randn(p.shape, generator=g, dtype=torch.float64) / math.sqrt(fan_in)
-            elif owner in norms and leaf == "weight":
-                v = 1 + 0.1 * torch.randn(p.shape, generator=g, dtype=torch.float64)
-            else:
-                v = 0.05 * torch.randn(p.shape, generator=g, dtype=torch.float64)
-            p.copy_(v.to(p.dtype))
-    return model
+    return base.init_weights_(model, seed, lambda name, p: name.rsplit(".", 1)[0] in norms and name.endswith(".weight"))
 
 
 def build_torch(cfg, dtype=None, seed: int = 0):
@@ -168,18 +179,6 @@ def build_torch(cfg, dtype=None, seed: int = 0):
     model = R.build(_cfg_dict(cfg), dtype=torch.float32)
     init_weights_(model, seed)
     return model.to(dtype or torch.float32).eval()
-
-
-def _tiling_outputs(model, xt, case_cfg, n, out: dict) -> None:
-    """The case's tiled variants (same calls in both frameworks): encode `xt` with each tiling; decode the plain
-    latent with each tiling. `n` converts a framework tensor to numpy."""
-    tiles, z_plain = tile_sizes(case_cfg), None
-    for v, (sp, tm) in TILING_VARIANTS.items():
-        with _tiling(model, sp, tm, tiles):
-            zv = model.encode(xt, sample_posterior=False)
-            z_plain = zv if z_plain is None else z_plain
-            out[f"tiling/z_{v}"] = n(zv)
-            out[f"tiling/dec_{v}"] = n(model.decode(z_plain))
 
 
 def run_torch(model, inputs: dict, case_cfg: dict | None = None) -> dict:
@@ -193,22 +192,8 @@ def run_torch(model, inputs: dict, case_cfg: dict | None = None) -> dict:
     def n(a):
         return a.detach().float().numpy()
 
-    out = {}
-    x = t(inputs["x"])
-    with torch.no_grad(), _tiling(model, False, False, {}):
-        z, post = model.encode(x, sample_posterior=False, return_posterior=True)
-        out["z"] = n(z)
-        out["decoded"] = n(model.decode(z))
-        with _paused_torch_hooks(model):
-            out["posterior_mean"], out["posterior_logvar"] = n(post.mean), n(post.logvar)
-            g = torch.Generator().manual_seed(SAMPLE_SEED)
-            out[f"z_sampled_gen_seed_{SAMPLE_SEED}"] = n(model.encode(x, sample_posterior=True, generator=g))
-            zf = model.encode(x[:, :, :1], sample_posterior=False)
-            out["z_first_frame"] = n(zf)
-            out["decoded_first_frame_latent"] = n(model.decode(zf))
-            if "x_tiling" in inputs:
-                _tiling_outputs(model, t(inputs["x_tiling"]), case_cfg, n, out)
-    return out
+    with torch.no_grad():
+        return _outputs(model, inputs, case_cfg, t, n, lambda: base.paused_torch_hooks(model))
 
 
 # ---------------------------------------------------------------------------------------------------------------- ms
@@ -222,60 +207,42 @@ def build_ms(cfg):
 def run_ms(model, inputs: dict, case_cfg: dict | None = None) -> dict:
     import mindspore as ms
 
+    def t(a):
+        return ms.Tensor(np.ascontiguousarray(a, np.float32))
+
     def n(a):
         return a.astype(ms.float32).asnumpy()
 
     jit_before = model.use_jit
     model.set_jit(bool((case_cfg or {}).get("jit", False)))
-    out = {}
     try:
-        x = ms.Tensor(np.ascontiguousarray(inputs["x"], np.float32))
-        with _tiling(model, False, False, {}):
-            z, post = model.encode(x, sample_posterior=False, return_posterior=True)
-            out["z"] = n(z)
-            out["decoded"] = n(model.decode(z))
-            with _paused_ms_hooks(model):
-                out["posterior_mean"], out["posterior_logvar"] = n(post.mean), n(post.logvar)
-                noise = sample_noise(post.mean.shape)
-                out[f"z_sampled_gen_seed_{SAMPLE_SEED}"] = n(model.encode(x, sample_posterior=True, noise=noise))
-                zf = model.encode(x[:, :, :1], sample_posterior=False)
-                out["z_first_frame"] = n(zf)
-                out["decoded_first_frame_latent"] = n(model.decode(zf))
-                if "x_tiling" in inputs:
-                    xt = ms.Tensor(np.ascontiguousarray(inputs["x_tiling"], np.float32))
-                    _tiling_outputs(model, xt, case_cfg, n, out)
+        return _outputs(model, inputs, case_cfg, t, n, lambda: base.paused_ms_hooks(model))
     finally:
         model.set_jit(jit_before)
-    return out
 
 
 def convert_state(state: dict, cfg=None) -> dict:
     """Torch (upstream) state dict as numpy -> MindSpore state dict via `mappings/hunyuan_vae.yaml`."""
-    from converter.mapping import load_mapping
-
-    return load_mapping(mapping_name(cfg)).convert(state)
+    return base.convert_state(mapping_name(cfg), state)
 
 
 def load_ms_from_torch(net, torch_model, cfg=None):
     """Convert `torch_model`'s weights with the mapping and load them strictly into `net`."""
-    import torch
-
-    from opensora_ms.loading import load_strict
-
-    state = {k: (v.float() if v.dtype == torch.bfloat16 else v).detach().cpu().numpy()
-             for k, v in torch_model.state_dict().items()}
-    load_strict(net, convert_state(state, cfg))
-    return net
+    return base.load_ms_from_torch(net, torch_model, mapping_name(cfg))
 
 
 # ---------------------------------------------------------------------------------------------------------------- inputs
-def make_inputs(cfg, seed: int) -> dict:
-    """Seeded videos in [-1, 1]: `x` (1, C, 9, 16, 24) and `x_tiling` (1, C, 33, 48, 64) — the case's shapes
-    (the tiled calls use DEFAULT_TILES)."""
+def make_inputs(cfg, seed: int, case_fields: dict | None = None) -> dict:
+    """Seeded inputs in the case conventions: a video `x` (1, C, 9, 16, 24) in [-1, 1], its posterior noise
+    `posterior_eps`, and for every case of `case_fields["tiling"]` a `tiling/<n>/x` (1, C, 33, 48, 64)."""
     c = _cfg_dict(cfg)
     ch = c.get("in_channels", 3)
     rng = np.random.default_rng(seed)
-    return {
-        "x": rng.uniform(-1, 1, (1, ch, 9, 16, 24)).astype(np.float32),
-        "x_tiling": rng.uniform(-1, 1, (1, ch, 33, 48, 64)).astype(np.float32),
-    }
+    x = rng.uniform(-1, 1, (1, ch, 9, 16, 24)).astype(np.float32)
+    lat = (1, c.get("latent_channels", 16), (9 - 1) // c.get("time_compression_ratio", 4) + 1,
+           16 // c.get("spatial_compression_ratio", 8), 24 // c.get("spatial_compression_ratio", 8))
+    out = {"x": x, "posterior_eps": rng.standard_normal(lat).astype(np.float32)}
+    _, plan = base.tiling_plan(case_fields)
+    for name in plan:
+        out[f"tiling/{name}/x"] = rng.uniform(-1, 1, (1, ch, 33, 48, 64)).astype(np.float32)
+    return out
