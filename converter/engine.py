@@ -19,10 +19,12 @@ import fcntl
 import hashlib
 import importlib.util
 import json
+import math
 import mmap
 import os
 import queue
 import shutil
+import signal
 import threading
 import time
 from contextlib import contextmanager
@@ -82,9 +84,12 @@ def parse_size(s) -> int:
     for u, m in units.items():
         if t.endswith(u):
             try:
-                return int(float(t[: -len(u)]) * m)
+                v = float(t[: -len(u)]) * m
             except ValueError:
                 break
+            if not math.isfinite(v) or v >= 2**63:  # 1e400GB, nan, inf: not a size
+                raise UserError(f"invalid size {s!r}: not a finite number of bytes (examples: 5GB, 500MB)")
+            return int(v)
     try:
         return int(t)
     except ValueError:
@@ -468,35 +473,54 @@ def _check_options(dtype: str, fmt: str, shard_size) -> int:
 
 
 def _check_output_folder(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise OutputError(f"{out}: output folder exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out}: exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
-        raise OutputError(f"{out}: refusing to replace a folder that is not an msconv output (no {MANIFEST_NAME}); "
-                          "remove it or choose another --out")
+    try:
+        exists = out.exists() or out.is_symlink()
+        if exists and not overwrite:
+            raise OutputError(f"{out}: output folder exists; pass --overwrite to replace it")
+        if exists and (out.is_symlink() or not out.is_dir()):
+            raise OutputError(f"{out}: exists and is not a folder")
+        if exists and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+            raise OutputError(f"{out}: refusing to replace a folder that is not an msconv output (no {MANIFEST_NAME}); "
+                              "remove it or choose another --out")
+    except OSError as e:
+        raise OutputError(f"{out}: cannot inspect the output folder: {e.strerror or e}") from None
+
+
+def _os_error(where, e: OSError, doing: str) -> OutputError:
+    return OutputError(f"{where}: cannot {doing}: {e.strerror or e}; nothing was written")
 
 
 @contextmanager
 def _locked_staging(out: Path, need: int, what: str):
     """The staging folder beside `out`, created under an exclusive lock after the free-space check; a stale
     one (left by a killed run) is removed first. The lock file goes when the block ends."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # read-only file system, /proc, /sys, a file in the way, no permission
+        raise _os_error(out.parent, e, "create the output's parent folder") from None
     staging = _staging_for(out)
     lockf = out.parent / f".{out.name}.msconv-lock"
-    lock_fd = os.open(lockf, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        lock_fd = os.open(lockf, os.O_CREAT | os.O_RDWR | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as e:
+        raise _os_error(lockf, e, "create the lock file beside the output (remove whatever is in the way)") from None
     try:
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             raise OutputError(f"{out}: another msconv convert is writing this output folder") from None
-        if staging.exists():  # left by a killed run: we hold the lock, so nobody is using it
-            shutil.rmtree(staging)
-        free = shutil.disk_usage(out.parent).free
-        if free < need:
-            raise OutputError(f"{out.parent}: not enough disk space: the output needs {need / 1e9:.2f} GB"
-                              f"{what}, {free / 1e9:.2f} GB free")
-        staging.mkdir()
+        try:
+            if staging.is_symlink() or (staging.exists() and not staging.is_dir()):
+                raise OutputError(f"{staging}: is in the way of msconv's staging folder and is not one; remove it")
+            if staging.exists():  # left by a killed run: we hold the lock, so nobody is using it
+                shutil.rmtree(staging)
+            free = shutil.disk_usage(out.parent).free
+            if free < need:
+                raise OutputError(f"{out.parent}: not enough disk space: the output needs {need / 1e9:.2f} GB"
+                                  f"{what}, {free / 1e9:.2f} GB free")
+            staging.mkdir()
+        except OSError as e:
+            raise _os_error(staging, e, "create the staging folder") from None
         yield staging
     finally:
         os.close(lock_fd)
@@ -528,15 +552,69 @@ def _manifest(c: Checked, src_path, written: dict, dtype: str, fmt: str, total: 
     }
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C / SIGINT during a conversion, saying truthfully what is under the output name now."""
+
+    def __init__(self, out, published: bool, previous: bool):
+        self.out, self.published, self.previous = str(out), published, previous
+        if published:
+            msg = f"interrupted after publishing: {out} holds the complete new output"
+        elif previous:
+            msg = f"interrupted; {out} still holds the previous output, unchanged (nothing new was written)"
+        else:
+            msg = f"interrupted; nothing was written under {out}"
+        super().__init__(msg)
+        self.message = msg
+
+
+@contextmanager
+def _signals_deferred():
+    """SIGINT / SIGTERM that arrive inside the block are held until it ends, so publishing (two renames and the
+    removal of the replaced output) is never left half done; a held SIGINT is then raised as KeyboardInterrupt,
+    a held SIGTERM re-delivered."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    old = {sig: signal.signal(sig, lambda signum, frame: got.append(signum)) for sig in sigs}
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+    if signal.SIGTERM in got:
+        os.kill(os.getpid(), signal.SIGTERM)
+    if got:
+        raise KeyboardInterrupt
+
+
 def convert_checkpoint(src_path, mapping, out_dir, *, dtype: str = "keep", fmt: str = "safetensors",
                        shard_size="5GB", overwrite: bool = False, target_inventory="auto", hash_source: bool = True,
                        progress=None, config=None, allow_partial: bool = False) -> Result:
-    """Convert `src_path` with `mapping` into `out_dir` (see the module docstring for the guarantees)."""
+    """Convert `src_path` with `mapping` into `out_dir` (see the module docstring for the guarantees). An interrupt
+    raises `Interrupted`, which says whether the new output was published."""
+    try:
+        out = Path(out_dir).resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise OutputError(f"{out_dir}: cannot resolve the output path: {e}") from None
+    state = {"published": False, "previous": False}
+    try:
+        state["previous"] = out.is_dir()
+        return _convert(src_path, mapping, out, dtype, fmt, shard_size, overwrite, target_inventory, hash_source,
+                        progress, config, allow_partial, state)
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:
+        raise Interrupted(out, state["published"], state["previous"]) from None
+
+
+def _convert(src_path, mapping, out: Path, dtype, fmt, shard_size, overwrite, target_inventory, hash_source, progress,
+             config, allow_partial, state) -> Result:
     t0 = time.perf_counter()
     shard_bytes = _check_options(dtype, fmt, shard_size)
     c = plan_checkpoint(src_path, mapping, target_inventory, config=config, allow_partial=allow_partial)
     m, src, plan = c.mapping, c.source, c.plan
-    out = Path(out_dir).resolve()
     _check_output_folder(out, overwrite)
     want = POLICY_DTYPES[dtype]
     dtypes = {k: policy_dtype(n.dtype, want, k) for k, n in plan.targets.items()}
@@ -554,7 +632,9 @@ def convert_checkpoint(src_path, mapping, out_dir, *, dtype: str = "keep", fmt: 
                 manifest["ckpt"] = {"file": CKPT_NAME, "size": (staging / CKPT_NAME).stat().st_size,
                                     "sha256": _file_sha256(staging / CKPT_NAME)}
             _atomic_json(staging / MANIFEST_NAME, manifest)
-            _publish(staging, out, overwrite)
+            with _signals_deferred():
+                _publish(staging, out, overwrite)
+                state["published"] = True
         except OSError as e:
             shutil.rmtree(staging, ignore_errors=True)
             if e.errno == errno.ENOSPC:
@@ -563,7 +643,7 @@ def convert_checkpoint(src_path, mapping, out_dir, *, dtype: str = "keep", fmt: 
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-    files = sorted(str(p) for p in out.iterdir())
+    files = sorted(str(p) for p in out.iterdir()) if state["published"] else []
     return Result(str(out), files, len(plan.targets), total, time.perf_counter() - t0, manifest)
 
 

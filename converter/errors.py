@@ -13,8 +13,9 @@ class UserError(Exception):
     exit_code = 2
 
     def __init__(self, message: str, problems: list[str] | None = None):
-        # The message is kept on one line so that logs and CI output stay greppable.
-        super().__init__(" ".join(str(message).split("\n")))
+        # The message is kept on one line so that logs and CI output stay greppable, and control characters
+        # (a newline or an ANSI escape in a file name) are shown escaped, never sent to the terminal.
+        super().__init__(one_line(message))
         self.problems = list(problems or [])
 
 
@@ -28,6 +29,30 @@ class MappingError(UserError):
 
 class OutputError(UserError):
     """The output cannot be written (exists, disk full, I/O error)."""
+
+
+def literal(text) -> str:
+    """`text` as it must be printed: unchanged when printable, else every control / format / surrogate character
+    escaped (a newline as \\n, ESC as \\x1b), so a file name or key never moves the cursor or colours a terminal."""
+    t = str(text)
+    if t.isprintable():
+        return t
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii") for c in t)
+
+
+def one_line(text) -> str:
+    """`text` on one line: newlines become spaces, other control characters are escaped (see `literal`)."""
+    return literal(" ".join(str(text).split("\n")))
+
+
+def show(value, limit: int = 120) -> str:
+    """A short, one-line repr of a value from the user's files for a message (deep or huge values abbreviated)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother = 3, 8, 8, limit, limit
+    s = r.repr(value)
+    return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
 def summarize(problems: list[str], limit: int = 3) -> str:

@@ -12,37 +12,49 @@ import os
 import re
 from collections import defaultdict
 
-from .errors import FormatError
+from .errors import FormatError, show
+from .tensor import DTYPES
 
 Inventory = dict  # {key: (shape tuple, dtype str)}
 
 
 def load_inventory(path: str | os.PathLike) -> Inventory:
+    """{key: (shape, dtype)} of an inventory / manifest JSON file; FormatError naming the file and entry."""
     p = os.fspath(path)
+    if os.path.isdir(p):
+        raise FormatError(f"{p}: is a directory, expected an inventory JSON file")
     try:
         with open(p, encoding="utf-8") as f:
             d = json.load(f)
     except FileNotFoundError:
         raise FormatError(f"{p}: no such inventory file") from None
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{p}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise FormatError(f"{p}: cannot read the inventory file: {e.strerror or e}") from None
+    except (ValueError, RecursionError) as e:  # bad JSON, not UTF-8 (a binary file), nesting too deep
+        raise FormatError(f"{p}: not a valid JSON inventory ({e.__class__.__name__}: "
+                          f"{(str(e).splitlines() or [''])[0][:200]})") from None
     items = d.get("tensors") if isinstance(d, dict) else None
     if isinstance(items, dict):  # the compact form of the shipped manifests: {key: [shape, dtype]}
-        try:
-            items = [{"key": k, "shape": v[0], "dtype": v[1]} for k, v in items.items()]
-        except (TypeError, IndexError, KeyError):
-            raise FormatError(f"{p}: a 'tensors' object maps each key to [shape, dtype]") from None
+        if not all(isinstance(v, list) and len(v) == 2 for v in items.values()):
+            raise FormatError(f"{p}: a 'tensors' object maps each key to [shape, dtype]")
+        items = [{"key": k, "shape": v[0], "dtype": v[1]} for k, v in items.items()]
     if not isinstance(items, list):
         raise FormatError(f"{p}: inventory needs a 'tensors' list of {{key, shape, dtype}} (or {{key: [shape, dtype]}})")
     inv: Inventory = {}
     for i, t in enumerate(items):
-        try:
-            k, shape, dt = t["key"], tuple(int(s) for s in t["shape"]), str(t["dtype"])
-        except (KeyError, TypeError, ValueError):
-            raise FormatError(f"{p}: tensors[{i}] needs key, shape and dtype") from None
+        if not isinstance(t, dict) or not {"key", "shape", "dtype"} <= set(t):
+            raise FormatError(f"{p}: tensors[{i}] needs key, shape and dtype")
+        k, shape, dt = t["key"], t["shape"], t["dtype"]
+        if not isinstance(k, str) or not k:
+            raise FormatError(f"{p}: tensors[{i}]: key must be a non-empty string, got {show(k)}")
+        # a shape is a list of ints: "96" must not be read as [9, 6], nor 2.5 as 2
+        if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+            raise FormatError(f"{p}: tensor {k!r}: shape must be a list of non-negative integers, got {show(shape)}")
+        if not isinstance(dt, str) or dt not in DTYPES:
+            raise FormatError(f"{p}: tensor {k!r}: dtype must be one of {', '.join(DTYPES)}, got {show(dt)}")
         if k in inv:
             raise FormatError(f"{p}: key {k!r} listed twice")
-        inv[k] = (shape, dt)
+        inv[k] = (tuple(shape), dt)
     return inv
 
 

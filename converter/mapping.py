@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .errors import MappingError, summarize
+from .errors import MappingError, show, summarize
 from .inventory import compress_keys, load_inventory
 from .ops import Ctx, Op, parse_op
 from .tensor import DTYPES, POLICY_DTYPES, as_storage, cast_storage, from_storage, policy_dtype
@@ -31,6 +31,8 @@ MAPPINGS_DIR = PROJECT / "mappings"  # installed as the `mappings` package besid
 MANIFESTS_DIR = MAPPINGS_DIR / "manifests"  # shipped copies of ../shared/upstream/manifests (tools/ship_manifests.py)
 
 _PH = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# what one placeholder matches: one dotted segment of a module path (never a control character or a dot)
+SEGMENT = r"[A-Za-z0-9_-]+"
 TOP_KEYS = {"name", "version", "description", "source", "target", "vars", "rules", "align", "include", "notes"}
 RULE_KEYS = {"source", "target", "ops", "drop", "note", "notes"}
 
@@ -44,7 +46,7 @@ def _compile(pattern: str) -> re.Pattern:
     for m in _PH.finditer(pattern):
         out.append(re.escape(pattern[pos:m.start()]))
         n = m.group(1)
-        out.append(f"(?P={n})" if n in seen else f"(?P<{n}>[^.]+)")
+        out.append(f"(?P={n})" if n in seen else f"(?P<{n}>{SEGMENT})")
         seen.add(n)
         pos = m.end()
     out.append(re.escape(pattern[pos:]))
@@ -207,29 +209,38 @@ class Mapping:
             raise MappingError(f"{where}: a mapping file is a YAML mapping, got {type(data).__name__}")
         unknown = set(data) - TOP_KEYS
         if unknown:
-            raise MappingError(f"{where}: unknown top-level field(s) {sorted(unknown)} (allowed: {sorted(TOP_KEYS)})")
+            raise MappingError(f"{where}: unknown top-level field(s) {show(sorted(unknown, key=str))} (allowed: {sorted(TOP_KEYS)})")
         self.name = str(data.get("name") or (Path(path).stem if path else "mapping"))
         if path and self.name != Path(path).stem:
             raise MappingError(f"{where}: name {self.name!r} must equal the file stem {Path(path).stem!r}")
         self.version = data.get("version", 1)
         self.description = data.get("description", "")
+        for k, kind in (("source", dict), ("target", dict), ("align", list), ("include", list), ("vars", dict)):
+            if data.get(k) is not None and not isinstance(data[k], kind):
+                raise MappingError(f"{where}: {k} must be a {'mapping' if kind is dict else 'list'}, got {show(data[k])}")
         self.source = dict(data.get("source") or {})
         self.target = dict(data.get("target") or {})
+        for side, ref in (("source", "manifest"), ("target", "inventory"), ("target", "model")):
+            v = getattr(self, side).get(ref)
+            if v is not None and not (isinstance(v, str) and v):
+                raise MappingError(f"{where}: {side}.{ref} must be a non-empty string, got {show(v)}")
         self.align = list(data.get("align") or [])
         vars_ = data.get("vars") or {}
-        if not isinstance(vars_, dict):
-            raise MappingError(f"{where}: vars must be a mapping")
         for k, v in vars_.items():
-            if not (isinstance(v, int) or (isinstance(v, dict) and ("source" in v or "target" in v) and set(v) <= {"source", "target", "dim"})):
-                raise MappingError(f"{where}: var {k!r} must be an int or {{source: key, target: key, dim: n}}, got {v!r}")
+            if not _valid_var(k, v):
+                raise MappingError(f"{where}: var {show(k)} must be an int or {{source: key, target: key, dim: n}} "
+                                   f"(keys: strings, dim: an integer), got {show(v)}")
         self.scope = Scope(self.name, dict(vars_))
         self.includes: list[tuple[Mapping, str, str]] = []
         self.rules: list[Rule] = []
         self.inverted = False
         inc_align: list = []
         for inc in data.get("include") or []:
-            if not isinstance(inc, dict) or "mapping" not in inc or not set(inc) <= {"mapping", "prefix", "source_prefix", "target_prefix"}:
-                raise MappingError(f"{where}: include entries are {{mapping: NAME, prefix: 'mmdit.'}} (or source_prefix/target_prefix), got {inc!r}")
+            if (not isinstance(inc, dict) or "mapping" not in inc
+                    or not set(inc) <= {"mapping", "prefix", "source_prefix", "target_prefix"}
+                    or not all(isinstance(v, str) for v in inc.values()) or not inc["mapping"]):
+                raise MappingError(f"{where}: include entries are {{mapping: NAME, prefix: 'mmdit.'}} (or source_prefix/target_prefix; "
+                                   f"strings), got {show(inc)}")
             sp = inc.get("source_prefix", inc.get("prefix", ""))
             tp = inc.get("target_prefix", inc.get("prefix", ""))
             ref = inc["mapping"]
@@ -251,10 +262,10 @@ class Mapping:
     def _parse_rule(self, r, i, where) -> Rule:
         w = f"{where} rule {i}"
         if not isinstance(r, dict):
-            raise MappingError(f"{w}: a rule is a mapping with source/target/ops or source/drop, got {r!r}")
+            raise MappingError(f"{w}: a rule is a mapping with source/target/ops or source/drop, got {show(r)}")
         unknown = set(r) - RULE_KEYS
         if unknown:
-            raise MappingError(f"{w}: unknown field(s) {sorted(unknown)} (allowed: {sorted(RULE_KEYS)})")
+            raise MappingError(f"{w}: unknown field(s) {show(sorted(unknown, key=str))} (allowed: {sorted(RULE_KEYS)})")
         if "source" not in r:
             raise MappingError(f"{w}: needs 'source'")
         src = r["source"] if isinstance(r["source"], list) else [r["source"]]
@@ -272,7 +283,14 @@ class Mapping:
             tgt = r["target"] if isinstance(r["target"], list) else [r["target"]]
             if not tgt or not all(isinstance(t, str) and t for t in tgt):
                 raise MappingError(f"{w}: target must be a key pattern or a list of them")
+            if r.get("ops") is not None and not isinstance(r["ops"], list):
+                raise MappingError(f"{w}: ops must be a list of {{op: {{params}}}}, got {show(r['ops'])}")
             ops = [parse_op(o, w) for o in (r.get("ops") or [])]
+            for o in ops:  # every var an op names must be defined (a typo must not wait for a conversion)
+                undefined = sorted(set(o.var_names()) - set(self.scope.vars))
+                if undefined:
+                    raise MappingError(f"{w}: op {o.name} uses var {undefined[0]!r} which the mapping does not define "
+                                       f"(vars: {', '.join(self.scope.vars) or 'none'})")
             drop = None
         names = [set(_placeholders(p)) for p in src + tgt]
         if any(n != names[0] for n in names):
@@ -350,6 +368,8 @@ class Mapping:
                     if -len(shape) <= dim < len(shape):
                         val = int(shape[dim])
                         break
+                    val = MappingError(f"{scope.name}: var {name!r}: dim {dim} is out of range for {pre}{k} "
+                                       f"{list(shape)} ({side}, {len(shape)}-d)")
             if val is None:
                 tried = [f"{pre}{spec[side]} ({side})" for side, pre in (("source", scope.src_prefix), ("target", scope.tgt_prefix))
                          if spec.get(side)]
@@ -591,6 +611,16 @@ class Mapping:
         return f"Mapping({self.name!r}, {len(self.rules)} rules{', inverted' if self.inverted else ''})"
 
 
+def _valid_var(k, v) -> bool:
+    if not isinstance(k, str):
+        return False
+    if isinstance(v, int):
+        return not isinstance(v, bool)
+    return (isinstance(v, dict) and ("source" in v or "target" in v) and set(v) <= {"source", "target", "dim"}
+            and all(isinstance(v[s], str) and v[s] for s in ("source", "target") if s in v)
+            and isinstance(v.get("dim", 0), int) and not isinstance(v.get("dim", 0), bool))
+
+
 def evaluate(node: Node, leaf, cache: dict | None = None) -> np.ndarray:
     """Storage array of a plan node; `leaf(key)` gives source storage arrays. `cache` memoizes op results
     (so a split's input is computed once)."""
@@ -623,6 +653,8 @@ def find_mapping(name: str, base: Path | None = None) -> Path:
 
 def load_mapping(name_or_path, base: Path | None = None, _stack=()) -> Mapping:
     """Load `mappings/<name>.yaml` (or a path); MappingError with the file name on any problem."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise MappingError(f"a mapping is named by a string, got {show(name_or_path)}")
     path = find_mapping(os.fspath(name_or_path), base)
     if path.stem in _stack:
         raise MappingError(f"{path}: include cycle {' -> '.join(_stack + (path.stem,))}")
@@ -630,5 +662,11 @@ def load_mapping(name_or_path, base: Path | None = None, _stack=()) -> Mapping:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
     except yaml.YAMLError as e:
-        raise MappingError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        raise MappingError(f"{path}: invalid YAML ({(str(e).splitlines() or [''])[0]})") from None
+    except OSError as e:
+        raise MappingError(f"{path}: cannot read the mapping: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise MappingError(f"{path}: not a YAML text file (not UTF-8: {e.reason} at byte {e.start})") from None
+    except RecursionError:
+        raise MappingError(f"{path}: invalid YAML (nested too deeply)") from None
     return Mapping(data, path, _stack)

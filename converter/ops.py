@@ -7,11 +7,12 @@ for `--dry-run`. Integer parameters may name a mapping var (`head_dim`) or a sma
 from __future__ import annotations
 
 import ast
+import math
 import operator
 
 import numpy as np
 
-from .errors import MappingError
+from .errors import MappingError, show
 from .tensor import DTYPES, can_decode, cast_storage
 
 
@@ -30,6 +31,33 @@ class Ctx:
 
 
 _BIN = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv}
+MAX_EXPR = 200  # characters: an integer expression is a few vars and numbers, never a program
+
+
+def parse_int_expr(v, where: str, what: str) -> list[str]:
+    """Check an integer parameter at load time: an int, or an expression of ints and var names with + - * // and
+    unary minus; returns the var names it uses. MappingError naming the parameter otherwise."""
+    if isinstance(v, bool) or not isinstance(v, (int, str)):
+        raise MappingError(f"{where}: {what} must be an integer, a var name or an expression, got {show(v)}")
+    if isinstance(v, int):
+        return []
+    if len(v) > MAX_EXPR:
+        raise MappingError(f"{where}: {what}: expression longer than {MAX_EXPR} characters ({show(v, 40)})")
+    try:
+        tree = ast.parse(v, mode="eval")
+        nodes = list(ast.walk(tree))
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        raise MappingError(f"{where}: {what}: cannot parse {show(v)}") from None
+    names = []
+    for n in nodes:
+        if isinstance(n, ast.Name):
+            names.append(n.id)
+        elif isinstance(n, ast.Constant):
+            if not isinstance(n.value, int) or isinstance(n.value, bool):
+                raise MappingError(f"{where}: {what}: only integers, var names and + - * // are allowed, got {show(v)}")
+        elif not isinstance(n, (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Load, ast.USub, *_BIN)):
+            raise MappingError(f"{where}: {what}: only integers, var names and + - * // are allowed, got {show(v)}")
+    return names
 
 
 def resolve_int(v, ctx: Ctx, what: str) -> int:
@@ -39,7 +67,9 @@ def resolve_int(v, ctx: Ctx, what: str) -> int:
     if isinstance(v, int):
         return v
     if not isinstance(v, str):
-        ctx.fail(f"{what} must be an integer or a var name, got {v!r}")
+        ctx.fail(f"{what} must be an integer or a var name, got {show(v)}")
+    if len(v) > MAX_EXPR:
+        ctx.fail(f"{what}: expression longer than {MAX_EXPR} characters")
 
     def ev(n):
         if isinstance(n, ast.Expression):
@@ -60,13 +90,13 @@ def resolve_int(v, ctx: Ctx, what: str) -> int:
             return _BIN[type(n.op)](left, right)
         if isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.USub):
             return -ev(n.operand)
-        ctx.fail(f"{what}: unsupported expression {v!r}")
+        ctx.fail(f"{what}: unsupported expression {show(v)}")
 
     try:
         tree = ast.parse(v, mode="eval")
-    except SyntaxError:
-        ctx.fail(f"{what}: cannot parse {v!r}")
-    return int(ev(tree))
+        return int(ev(tree))
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        ctx.fail(f"{what}: cannot parse {show(v)}")
 
 
 class Op:
@@ -79,13 +109,25 @@ class Op:
         self.where = where
         unknown = set(self.params) - set(self.allowed)
         if unknown:
-            raise MappingError(f"{where}: op {self.name} does not take {sorted(unknown)} (allowed: {sorted(self.allowed)})")
+            raise MappingError(f"{where}: op {self.name} does not take {show(sorted(unknown, key=str))} (allowed: {sorted(self.allowed)})")
         for r in self.required:
             if r not in self.params:
                 raise MappingError(f"{where}: op {self.name} needs {r!r}")
         for k in self.lists:
             if k in self.params and not isinstance(self.params[k], list) and not (k == "sizes" and self.params[k] is None):
-                raise MappingError(f"{where}: op {self.name}.{k} must be a list, got {self.params[k]!r}")
+                raise MappingError(f"{where}: op {self.name}.{k} must be a list, got {show(self.params[k])}")
+        # integer parameters are checked now, in both directions (`concat.sizes` is only used by the inverse)
+        self._vars = []
+        for k in self.ints:
+            v = self.params.get(k)
+            for i, x in enumerate(v if isinstance(v, list) else [] if v is None else [v]):
+                self._vars += parse_int_expr(x, where, f"{self.name}.{k}" + (f"[{i}]" if isinstance(v, list) else ""))
+
+    ints: tuple = ("axis", "sizes", "axes", "shape", "inverse", "rows", "head_dim", "parts")
+
+    def var_names(self) -> list[str]:
+        """The mapping vars this op's integer parameters use."""
+        return list(self._vars)
 
     lists: tuple = ("sizes", "axes", "shape", "inverse", "rows")
     allowed: tuple = ()
@@ -128,6 +170,10 @@ class Concat(Op):
                 ctx.fail(f"concat: dtypes {dtypes} differ")
         out = list(shapes[0])
         out[ax] = sum(s[ax] for s in shapes)
+        if self.params.get("sizes") is not None:  # what the inverse split will cut: must be these inputs
+            sizes = [resolve_int(x, ctx, "concat.sizes") for x in self.params["sizes"]]
+            if sizes != [s[ax] for s in shapes]:
+                ctx.fail(f"concat.sizes {sizes} do not match the inputs' sizes {[s[ax] for s in shapes]} along axis {ax}")
         return [tuple(out)], [dtypes[0]]
 
     def apply(self, arrays, dtypes, ctx):
@@ -211,9 +257,9 @@ class PermuteRows(Op):
     def __init__(self, params, where):
         super().__init__(params, where)
         if self.params["convention"] not in self.CONVENTIONS:
-            raise MappingError(f"{where}: permute_rows.convention must be one of {self.CONVENTIONS}, got {self.params['convention']!r}")
+            raise MappingError(f"{where}: permute_rows.convention must be one of {self.CONVENTIONS}, got {show(self.params['convention'])}")
         if "rows" in self.params and len(self.params["rows"]) != 2:
-            raise MappingError(f"{where}: permute_rows.rows is [first_part, end_part], got {self.params['rows']!r}")
+            raise MappingError(f"{where}: permute_rows.rows is [first_part, end_part], got {show(self.params['rows'])}")
 
     def _index(self, shape, ctx) -> tuple[int, np.ndarray]:
         ax = self._axis(len(shape), ctx)
@@ -310,15 +356,15 @@ class Reshape(Op):
                 return tuple(ctx.target_shapes[0])
             ctx.fail(f"reshape of a {list(src)} tensor has no 'shape' and no target inventory to take it from")
         dims = [resolve_int(s, ctx, "reshape.shape") for s in spec]
-        total = int(np.prod(src)) if src else 1
+        total = math.prod(src)
         if dims.count(-1) > 1:
             ctx.fail(f"reshape: more than one -1 in {dims}")
         if -1 in dims:
-            known = int(np.prod([d for d in dims if d != -1])) or 1
+            known = math.prod(d for d in dims if d != -1) or 1
             if total % known:
                 ctx.fail(f"reshape: cannot reshape {list(src)} into {dims}")
             dims[dims.index(-1)] = total // known
-        if int(np.prod(dims)) != total:
+        if math.prod(dims) != total or any(d < 0 for d in dims):
             ctx.fail(f"reshape: cannot reshape {list(src)} into {dims}")
         return tuple(dims)
 
@@ -343,13 +389,15 @@ class Reshape(Op):
 class Cast(Op):
     """Explicit dtype change (values decoded). Not invertible unless `from` names the original dtype."""
 
-    name, allowed, required = "cast", ("dtype", "from"), ("dtype",)
+    name, allowed, required = "cast", ("dtype", "from", "allow_lossy"), ("dtype",)
 
     def __init__(self, params, where):
         super().__init__(params, where)
         for k in ("dtype", "from"):
-            if k in self.params and self.params[k] not in DTYPES:
-                raise MappingError(f"{where}: cast.{k} {self.params[k]!r} is not a dtype ({', '.join(DTYPES)})")
+            if k in self.params and not (isinstance(self.params[k], str) and self.params[k] in DTYPES):
+                raise MappingError(f"{where}: cast.{k} {show(self.params[k])} is not a dtype ({', '.join(DTYPES)})")
+        if not isinstance(self.params.get("allow_lossy", False), bool):
+            raise MappingError(f"{where}: cast.allow_lossy must be true or false, got {show(self.params['allow_lossy'])}")
 
     def infer(self, shapes, dtypes, ctx):
         if "from" in self.params:
@@ -358,6 +406,10 @@ class Cast(Op):
                     ctx.fail(f"cast expects {self.params['from']} input, got {d}")
         dst = self.params["dtype"]
         for d in dtypes:
+            # float <-> int <-> bool changes the values themselves (F32 -> I64 turns weights into 0)
+            if DTYPES[d][3] != DTYPES[dst][3] and not self.params.get("allow_lossy", False):
+                ctx.fail(f"cast from {d} ({DTYPES[d][3]}) to {dst} ({DTYPES[dst][3]}) changes the kind of the values; "
+                         "add 'allow_lossy: true' to the cast if that is intended")
             bad = [x for x in (d, dst) if not can_decode(x)] if d != dst else []
             if bad:
                 ctx.fail(f"cast from {d} to {dst}: msconv cannot decode or encode {bad[0]} values")
@@ -369,7 +421,10 @@ class Cast(Op):
     def inverse(self):
         if "from" not in self.params:
             raise MappingError(f"{self.where}: cast to {self.params['dtype']} is not invertible (add 'from: <dtype>' to allow it)")
-        return Cast({"dtype": self.params["from"], "from": self.params["dtype"]}, self.where)
+        p = {"dtype": self.params["from"], "from": self.params["dtype"]}
+        if "allow_lossy" in self.params:
+            p["allow_lossy"] = self.params["allow_lossy"]
+        return Cast(p, self.where)
 
     def describe(self, args, ctx=None):
         return f"cast({', '.join(args)}, {self.params['dtype']})"
@@ -385,9 +440,9 @@ def parse_op(spec, where: str) -> Op:
         ((name, params),) = spec.items()
         params = params or {}
         if not isinstance(params, dict):
-            raise MappingError(f"{where}: op {name} parameters must be a mapping, got {params!r}")
+            raise MappingError(f"{where}: op {show(name)} parameters must be a mapping, got {show(params)}")
     else:
-        raise MappingError(f"{where}: an op is written {{name: {{params}}}}, got {spec!r}")
-    if name not in OPS:
-        raise MappingError(f"{where}: unknown op {name!r} (known: {', '.join(OPS)})")
+        raise MappingError(f"{where}: an op is written {{name: {{params}}}}, got {show(spec)}")
+    if not isinstance(name, str) or name not in OPS:
+        raise MappingError(f"{where}: unknown op {show(name)} (known: {', '.join(OPS)})")
     return OPS[name](params, where)

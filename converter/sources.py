@@ -8,11 +8,12 @@ from __future__ import annotations
 import glob
 import json
 import os
+import stat
 from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import FormatError
+from .errors import FormatError, show
 from .safetensors_io import SafetensorsFile, TensorInfo, read_storage
 from .tensor import DTYPES
 
@@ -29,6 +30,25 @@ class MemTensor:
     @property
     def nbytes(self) -> int:
         return self.array.nbytes
+
+
+def _regular(path: str, what: str) -> None:
+    """Refuse what is not a regular file (a FIFO or a device would block or never end)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read the {what}: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise FormatError(f"{path}: the {what} is not a regular file")
+
+
+def _unique_pairs(items):
+    d = {}
+    for k, v in items:
+        if k in d:
+            raise ValueError(f"key {k!r} appears twice")
+        d[k] = v
+    return d
 
 
 class Source:
@@ -58,27 +78,36 @@ class Source:
         return f
 
     def _open_index(self, index):
+        _regular(index, "index")
         try:
             with open(index, encoding="utf-8") as fh:
-                idx = json.load(fh)
-            wmap = idx["weight_map"]
-            assert isinstance(wmap, dict)
-        except Exception as e:
-            raise FormatError(f"{index}: not a valid safetensors index ({e.__class__.__name__}: needs a 'weight_map' object)") from None
+                idx = json.load(fh, object_pairs_hook=_unique_pairs)
+        except OSError as e:
+            raise FormatError(f"{index}: cannot read the index: {e.strerror or e}") from None
+        except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a key twice, nesting too deep
+            raise FormatError(f"{index}: not a valid safetensors index ({e.__class__.__name__}: "
+                              f"{(str(e).splitlines() or [''])[0][:200]})") from None
+        wmap = idx.get("weight_map") if isinstance(idx, dict) else None
+        if not isinstance(wmap, dict):
+            raise FormatError(f"{index}: not a valid safetensors index (needs a 'weight_map' object)")
         if not wmap:
             raise FormatError(f"{index}: the index's weight_map lists no tensors")
         base = os.path.dirname(index)
         by_file: dict[str, set] = {}
         for k, fn in wmap.items():
             if not isinstance(fn, str) or not fn or os.path.isabs(fn) or ".." in fn.replace("\\", "/").split("/"):
-                raise FormatError(f"{index}: weight_map entry {k!r} -> {fn!r} must be a relative path inside the index's folder (no '..')")
+                raise FormatError(f"{index}: weight_map entry {k!r} -> {show(fn)} must be a relative path inside the index's folder (no '..')")
             by_file.setdefault(fn, set()).add(k)
         for fn in sorted(by_file):
             p = os.path.join(base, fn)
             if not os.path.exists(p):
                 raise FormatError(f"{index}: shard {fn!r} listed in the index does not exist")
-            f = self._open_st(p)
-            have = set(f.tensors)
+            if fn.endswith((".bin", ".pt", ".pth")):  # pytorch_model.bin.index.json shards
+                before = set(self.tensors)
+                self._open_torch(p)
+                have = set(self.tensors) - before
+            else:
+                have = set(self._open_st(p).tensors)
             missing = sorted(by_file[fn] - have)
             extra = sorted(have - by_file[fn])
             if missing:
@@ -89,6 +118,7 @@ class Source:
     def _open_torch(self, path):
         import torch  # only for .bin/.pt sources
 
+        _regular(path, "torch checkpoint")
         try:
             try:
                 sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -108,12 +138,19 @@ class Source:
             ("float32", "F32"), ("float16", "F16"), ("bfloat16", "BF16"), ("float64", "F64"), ("int64", "I64"),
             ("int32", "I32"), ("int16", "I16"), ("int8", "I8"), ("uint8", "U8"), ("bool", "BOOL")]}
         for k, t in sd.items():
+            if not isinstance(k, str):
+                raise FormatError(f"{path}: key {show(k)} is a {type(k).__name__}; tensor names must be strings")
             if not isinstance(t, torch.Tensor):
                 raise FormatError(f"{path}: entry {k!r} is a {type(t).__name__}, not a tensor")
+            if t.layout != torch.strided or t.is_quantized or t.is_nested or t.device.type != "cpu":
+                what = t.layout if t.layout != torch.strided else "quantized" if t.is_quantized else \
+                    "nested" if t.is_nested else f"on device {t.device.type}"
+                raise FormatError(f"{path}: tensor {k!r} is {str(what).replace('torch.', '')}; only dense CPU "
+                                  "tensors can be converted (call .to_dense() / .dequantize() before saving)")
             if t.dtype not in rev:
                 raise FormatError(f"{path}: tensor {k!r} has unsupported dtype {t.dtype}")
             dt = rev[t.dtype]
-            arr = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+            arr = t.detach().resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8).numpy()
             self._add(k, MemTensor(k, dt, tuple(t.shape), arr.view(DTYPES[dt][1]).reshape(tuple(t.shape))), path)
 
     def _open(self):
@@ -121,17 +158,25 @@ class Source:
         if not os.path.exists(p):
             raise FormatError(f"{p}: no such file or directory")
         if os.path.isdir(p):
-            idx = sorted(glob.glob(os.path.join(p, "*.safetensors.index.json")))
+            if not os.access(p, os.R_OK | os.X_OK):
+                raise FormatError(f"{p}: cannot read the directory: Permission denied")
+            g = glob.escape(p)  # a folder named like a pattern ("ckpt[1]") is a name, not a pattern
+            idx = sorted(glob.glob(os.path.join(g, "*.safetensors.index.json")))
             if len(idx) > 1:
                 raise FormatError(f"{p}: several *.safetensors.index.json files ({', '.join(os.path.basename(i) for i in idx)}); pass one")
             if idx:
                 return self._open_index(idx[0])
-            sts = sorted(glob.glob(os.path.join(p, "*.safetensors")))
+            sts = sorted(glob.glob(os.path.join(g, "*.safetensors")))
             if sts:
                 for f in sts:
                     self._open_st(f)
                 return
-            bins = sorted(glob.glob(os.path.join(p, "*.bin")) + glob.glob(os.path.join(p, "*.pt")) + glob.glob(os.path.join(p, "*.pth")))
+            bin_idx = sorted(glob.glob(os.path.join(g, "*.bin.index.json")))
+            if len(bin_idx) > 1:
+                raise FormatError(f"{p}: several *.bin.index.json files ({', '.join(os.path.basename(i) for i in bin_idx)}); pass one")
+            if bin_idx:  # sharded torch checkpoint (transformers' pytorch_model.bin.index.json)
+                return self._open_index(bin_idx[0])
+            bins = sorted(f for e in ("*.bin", "*.pt", "*.pth") for f in glob.glob(os.path.join(g, e)))
             if bins:
                 for f in bins:
                     self._open_torch(f)

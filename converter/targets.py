@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .errors import FormatError, MappingError, UserError
+from .errors import FormatError, MappingError, UserError, show
 from .inventory import load_inventory
 
 
@@ -126,6 +126,13 @@ MODELS: dict[str, ModelEntry] = {
     "mmdit": ModelEntry("opensora_ms.models.mmdit:param_inventory", infer_mmdit_config, "MMDiTConfig"),
     "hunyuan_vae": ModelEntry("opensora_ms.models.hunyuan_vae:param_inventory", infer_hunyuan_vae_config,
                               "AutoEncoder3DConfig"),
+    "dc_ae": ModelEntry("opensora_ms.models.dc_ae:param_inventory", "opensora_ms.models.dc_ae:infer_config",
+                        "DCAEConfig"),
+    "flux_ae": ModelEntry("opensora_ms.models.flux_ae:param_inventory", "opensora_ms.models.flux_ae:infer_config",
+                          "AutoEncoderConfig"),
+    "t5": ModelEntry("opensora_ms.models.t5:param_inventory", "opensora_ms.models.t5:infer_config", "T5Config"),
+    "clip": ModelEntry("opensora_ms.models.clip:param_inventory", "opensora_ms.models.clip:infer_config",
+                       "CLIPTextConfig"),
 }
 
 
@@ -140,18 +147,82 @@ def _resolve(fn):
                            "--target-inventory FILE.json / --allow-partial") from None
 
 
+# Config fields that repeat blocks (ints, or lists of ints for per-stage depths): a parameter inventory is
+# affine in each of them, so its size at a huge count is extrapolated from counts 1 and 2 instead of enumerated.
+COUNT_FIELDS = ("depth", "depth_single_blocks", "num_layers", "num_hidden_layers", "layers_per_block",
+                "num_res_blocks", "depth_list")
+MAX_TENSORS = 200_000  # real models have ~100-2000 parameter tensors
+CONFIG_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, ZeroDivisionError, OverflowError,
+                 RuntimeError, RecursionError)
+
+
+def _counts(cfg, path=()):
+    """(path, value) of every count field of a (nested) config dict (see COUNT_FIELDS)."""
+    if not isinstance(cfg, dict):
+        return
+    for k, v in cfg.items():
+        if k in COUNT_FIELDS and isinstance(v, int) and not isinstance(v, bool):
+            yield path + (k,), v
+        elif k in COUNT_FIELDS and isinstance(v, (list, tuple)):
+            for i, x in enumerate(v):
+                if isinstance(x, int) and not isinstance(x, bool):
+                    yield path + (k, i), x
+        elif isinstance(v, dict):
+            yield from _counts(v, path + (k,))
+
+
+def _with(cfg, path, value):
+    """A copy of the nested config `cfg` with the field at `path` set to `value`."""
+    cfg = dict(cfg) if isinstance(cfg, dict) else list(cfg)
+    if len(path) == 1:
+        cfg[path[0]] = value
+    else:
+        cfg[path[0]] = _with(cfg[path[0]], path[1:], value)
+    return cfg
+
+
+def inventory_size(fn, config: dict, big: int = 64) -> tuple[int, int]:
+    """(number of tensors, number of parameters) of the inventory `fn(config)` without enumerating huge block
+    counts: every count field above `big` is set to 1 and 2 and the size extrapolated (exact: inventories are
+    affine in each count). Raises what `fn` raises for a bad config."""
+    def size(c):
+        inv = fn(c)
+        return len(inv), sum(math.prod(int(x) for x in s) for s, _ in inv.values())
+
+    huge = [(p, v) for p, v in _counts(config) if v > big]
+    if not huge:
+        return size(config)
+    base = config
+    for p, _ in huge:
+        base = _with(base, p, 1)
+    n0, p0 = size(base)
+    n, params = n0, p0
+    for p, v in huge:
+        n2, p2 = size(_with(base, p, 2))
+        n, params = n + (n2 - n0) * (v - 1), params + (p2 - p0) * (v - 1)
+    return n, params
+
+
 def model_inventory(model: str, config: dict) -> dict:
     """{name: (shape, dtype)} of `model` at `config` (nothing allocated); UserError naming a bad config field."""
     entry = MODELS.get(model)
     if entry is None:
         raise MappingError(no_inventory_message(model))
+    if not isinstance(config, dict):
+        raise MappingError(f"a {model} config is a JSON object of fields, got {type(config).__name__}")
     try:
-        inv = _resolve(entry.param_inventory)(dict(config))
+        fn = _resolve(entry.param_inventory)
+        n, _ = inventory_size(fn, dict(config))
+        if n > MAX_TENSORS:
+            counts = ", ".join(f"{'.'.join(map(str, p))}={v}" for p, v in _counts(config) if v > 64)
+            raise MappingError(f"the {model} config describes about {n} parameter tensors ({counts}); no checkpoint "
+                               f"has that many (limit {MAX_TENSORS}): check the config")
+        inv = fn(dict(config))
     except UserError:
         raise
-    except (ValueError, TypeError, KeyError, ZeroDivisionError) as e:
+    except CONFIG_ERRORS as e:
         raise MappingError(f"cannot build the {model} parameter inventory at config {_short(config)}: "
-                           f"{e.__class__.__name__}: {e}") from None
+                           f"{e.__class__.__name__}: {str(e)[:300]}") from None
     return {k: (tuple(int(x) for x in s), d) for k, (s, d) in inv.items()}
 
 
@@ -162,7 +233,10 @@ def no_inventory_message(model: str | None) -> str:
 
 
 def _short(cfg: dict) -> str:
-    s = json.dumps(cfg, sort_keys=True)
+    try:
+        s = json.dumps(cfg, sort_keys=True)
+    except (TypeError, ValueError, RecursionError):
+        s = show(cfg, 200)
     return s if len(s) < 200 else s[:197] + "..."
 
 
@@ -170,13 +244,17 @@ def read_config(path, model: str) -> dict:
     """A config for `--config`: a bare config object, a case config (`{"MMDiTConfig": {...}, ...}`) or an
     inventory/manifest file's `config`."""
     p = os.fspath(path)
+    if os.path.isdir(p):
+        raise FormatError(f"{p}: is a directory, expected a config JSON file")
     try:
         with open(p, encoding="utf-8") as f:
             d = json.load(f)
     except FileNotFoundError:
         raise FormatError(f"{p}: no such config file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FormatError(f"{p}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise FormatError(f"{p}: cannot read the config file: {e.strerror or e}") from None
+    except (ValueError, RecursionError) as e:  # bad JSON, not UTF-8, nesting too deep
+        raise FormatError(f"{p}: not valid JSON ({e.__class__.__name__}: {(str(e).splitlines() or [''])[0][:200]})") from None
     if not isinstance(d, dict):
         raise FormatError(f"{p}: a config file is a JSON object")
     name = MODELS[model].config_name if model in MODELS else None
@@ -232,7 +310,14 @@ def _model_parts(mapping, produced: dict, config: dict | None, tp: str = "") -> 
         return inv, parts
     if model not in MODELS:
         raise MappingError(no_inventory_message(model))
-    cfg = config if config is not None else _resolve(MODELS[model].infer_config)(produced)
+    if config is not None:
+        cfg = config
+    else:
+        try:
+            cfg = _resolve(MODELS[model].infer_config)(produced)
+        except CONFIG_ERRORS as e:   # a tensor of an unexpected rank/shape: the checkpoint's fault, named
+            raise MappingError(f"cannot infer the {model} config from the checkpoint ({type(e).__name__}: {e}); "
+                               "pass --config FILE.json, or --allow-partial") from None
     return model_inventory(model, cfg), [{"prefix": tp, "model": model, "config": cfg}]
 
 

@@ -10,7 +10,11 @@ align:
     concat: -1           # torch outputs concatenated on this axis equal the MindSpore output
     ops: [...]           # optional, applied to the (concatenated) torch tensor before comparing
   - {torch: "double_blocks.{i}.img_attn", ms: null, reason: "no single output tensor"}
+  - {ms: "some.cell", torch: null, reason: "a MindSpore-only cell (e.g. a fused op) with no torch module"}
 ```
+
+A torch tensor or a MindSpore capture that aligns with nothing fails the verdict unless an entry like the last two
+declares it, with its reason.
 
 Everything is expressed on the *torch* side: the reference tensor for a candidate capture `ms_path + suffix` is
 built from torch hook names `torch_path + suffix` (concatenated, then `ops`), so one lookup function serves the
@@ -46,8 +50,8 @@ class AlignEntry:
     def parse(cls, d: dict) -> "AlignEntry":
         torch = d.get("torch")
         torch = [torch] if isinstance(torch, str) else list(torch or [])
-        if not torch:
-            raise ValueError(f"align entry without torch: {d}")
+        if not torch and not (d.get("ms") and d.get("reason")):
+            raise ValueError(f"align entry without torch (an MindSpore-only capture needs `ms` and `reason`): {d}")
         if len(torch) > 1 and d.get("ms") and d.get("concat") is None:
             raise ValueError(f"align entry with {len(torch)} torch modules needs `concat`: {d}")
         return cls(torch=torch, ms=d.get("ms"), concat=d.get("concat"), ops=list(d.get("ops") or []),
@@ -73,7 +77,7 @@ class Aligner:
     # ---- candidate -> torch
     def _candidates(self, ms_module: str):
         for e in self.entries:
-            if e.ms_re is not None:
+            if e.ms_re is not None and e.torch:
                 m = e.ms_re.match(ms_module)
                 if m:
                     yield e, m.groupdict()
@@ -110,6 +114,13 @@ class Aligner:
                 if m:
                     return _PLACEHOLDER.sub(lambda g: m.groupdict()[g.group(1)], e.ms)
         return torch_path
+
+    def explicit_ms_reason(self, ms_module: str) -> str | None:
+        """Reason of a `{ms: ..., torch: null, reason: ...}` entry: a MindSpore cell with no torch counterpart."""
+        for e in self.entries:
+            if not e.torch and e.ms_re is not None and e.ms_re.match(ms_module):
+                return e.reason
+        return None
 
     def explicit_reason(self, torch_module: str) -> str | None:
         """Reason of an `ms: null` entry covering this torch module, if any."""

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from converter.errors import UserError
+from converter.safetensors_io import SafetensorsFile
 from parity.tensorio import SafetensorsReader, read_header
 
 # Upstream config vocabulary (DESIGN.md); new kinds add a name here.
@@ -33,10 +34,14 @@ class CaseError(UserError):
 
 
 def _read_json(path: Path, what: str):
+    """The JSON in `path`; CaseError (one line, the file named) when it cannot be read or is not JSON."""
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CaseError(f"{path}: {what} is not valid JSON ({e})") from e
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:  # no permission, a directory, an I/O error
+        raise CaseError(f"{path}: cannot read {what}: {e.strerror or e}") from None
+    except (ValueError, RecursionError) as e:  # bad JSON, not UTF-8, nesting too deep, a 5000-digit number
+        raise CaseError(f"{path}: {what} is not valid JSON ({e.__class__.__name__}: "
+                        f"{(str(e).splitlines() or [''])[0][:200]})") from None
 
 
 def case_prefix(path: str | os.PathLike) -> Path:
@@ -68,17 +73,21 @@ class Case:
         prefix = case_prefix(path)
         cfg_path = prefix.with_name(prefix.name + ".config.json")
         if not cfg_path.is_file():
-            raise CaseError(f"{cfg_path}: no such case config (a case is <dir>/<name> with <name>.config.json)")
-        for kind in ("weights", "inputs", "outputs"):
+            raise CaseError(f"{cfg_path}: not a regular file" if cfg_path.exists() else
+                            f"{cfg_path}: no such case config (a case is <dir>/<name> with <name>.config.json)")
+        for kind in ("weights", "inputs", "outputs", "hooks"):
             f = prefix.with_name(f"{prefix.name}.{kind}.safetensors")
+            if kind == "hooks" and not f.exists():
+                continue  # optional
             if not f.is_file():
-                raise CaseError(f"{f}: case file missing")
+                raise CaseError(f"{f}: case file missing" if not f.exists() else f"{f}: not a regular file")
+            SafetensorsFile(f)  # the header, validated (FormatError naming the file and tensor)
         config = _read_json(cfg_path, "the case config")
         if not isinstance(config, dict):
             raise CaseError(f"{cfg_path}: the case config must be a JSON object ({{\"<ConfigName>\": {{...}}, ...}}), "
                             f"got {type(config).__name__}")
         alias_path = prefix.with_name(prefix.name + ".hooks_aliases.json")
-        aliases = _read_json(alias_path, "the hook aliases") if alias_path.is_file() else {}
+        aliases = _read_json(alias_path, "the hook aliases") if alias_path.exists() else {}
         if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
             raise CaseError(f"{alias_path}: hook aliases must be a JSON object of alias -> stored hook name")
         return cls(prefix=prefix, config=config, aliases=aliases)

@@ -54,17 +54,32 @@ def _coverage(case: Case, framework: str) -> str | None:
 def _cell(rep: dict | None, status: str) -> str:
     if rep is None:
         return status
-    outs = [t.get("max_rel") for t in rep["tensors"] if t["kind"] == "output" and t.get("max_rel") is not None]
+    lowp = set((rep.get("stored_lowp") or {}).get("compared", []))
+    outs = [t.get("max_rel") for t in rep["tensors"]
+            if t["kind"] == "output" and t.get("max_rel") is not None and t["name"] not in lowp]
     s = rep["verdict"].upper()
     if outs:
         s += f" (out {max(outs):.1e})"
+    ratios = [t["oracle"]["ratio"] for t in rep["tensors"] if t.get("oracle") and t["name"] not in lowp]
+    if rep.get("verdict_metric") == "oracle_ratio" and ratios:
+        s += f" (max oracle ratio {max(ratios):.2f})"
+    if lowp:
+        s += f" (stored bf16 {rep['stored_lowp']['max_ulps']:.0f} ulp)"
+    if rep.get("deferred_outputs"):
+        s += f" ({len(rep['deferred_outputs'])} bf16 deferred)"
+    undeclared = (rep.get("counts", {}).get("unaligned_unexplained", 0)
+                  + rep.get("counts", {}).get("unaligned_candidate_unexplained", 0))
+    if undeclared:
+        s += f" {undeclared} undeclared unaligned"
+    if rep.get("missing_outputs"):
+        s += f" missing {len(rep['missing_outputs'])} output(s)"
     if rep.get("first_divergence"):
         s += f" first divergence {rep['first_divergence']['name']}"
     return s
 
 
 def run_suite(cases_dir, report_root, frameworks=("torch", "mindspore"), modes=("free", "teacher"),
-              only=None, echo=print) -> int:
+              only=None, echo=print, device: str = "CPU", dtype: str | None = None, hooks: bool = True) -> int:
     from parity.engine import NotCoveredError, ReplayOptions, replay
 
     cases_dir = Path(cases_dir)
@@ -105,7 +120,8 @@ def run_suite(cases_dir, report_root, frameworks=("torch", "mindspore"), modes=(
                 rdir = report_root / case.name / f"{fw}-{mode}"
                 t0 = time.time()
                 try:
-                    rep = replay(prefix, ReplayOptions(framework=fw, mode=mode, report_dir=rdir))
+                    rep = replay(prefix, ReplayOptions(framework=fw, mode=mode, report_dir=rdir, device=device,
+                                                       dtype=dtype, hooks=hooks))
                     status = rep["verdict"]
                 except NotCoveredError as e:   # no adapter / the port cannot be imported: only these
                     rep, status = None, f"not covered ({e})"

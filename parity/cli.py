@@ -7,6 +7,7 @@ Exit codes: 0 = pass, 1 = parity failure, 2 = user error (bad case/option, model
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import List, Optional
@@ -33,8 +34,62 @@ def _perturb(items: list[str] | None) -> dict[str, float]:
 
 
 def _fail_user(msg: str) -> None:
-    typer.echo(f"error: {msg}", err=True)
+    from converter.errors import one_line
+
+    typer.echo(f"error: {one_line(msg)}", err=True)
     raise typer.Exit(2)
+
+
+DEVICES = ("CPU", "CPU-bf16", "Ascend")  # = parity.engine.DEVICES (CPU-bf16: Ascend's bf16 emulated on CPU)
+
+
+def _check_device(device: str) -> None:
+    if device not in DEVICES:
+        _fail_user(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+
+
+def _check_thresholds(path: Path | None, dtype: str | None) -> None:
+    """A --thresholds file must exist and hold, for the dtype(s) a replay may judge, positive finite limits
+    (parity/thresholds.yaml is the model); checked before anything runs."""
+    import math
+
+    import yaml
+
+    if path is None:
+        return
+    from parity.engine import DTYPES
+
+    try:
+        raw = yaml.safe_load(Path(path).read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        _fail_user(f"--thresholds {path}: no such file")
+    except OSError as e:
+        _fail_user(f"--thresholds {path}: cannot read: {e.strerror or e}")
+    except (UnicodeDecodeError, yaml.YAMLError, RecursionError) as e:
+        _fail_user(f"--thresholds {path}: not a YAML text file ({e.__class__.__name__})")
+    dts = raw.get("dtypes") if isinstance(raw, dict) else None
+    if not isinstance(dts, dict):
+        _fail_user(f"--thresholds {path}: needs a 'dtypes' mapping (see parity/thresholds.yaml)")
+    for dt in ([dtype] if dtype else list(DTYPES)):
+        entry = dts.get(dt)
+        if not isinstance(entry, dict):
+            _fail_user(f"--thresholds {path}: no thresholds for dtype {dt} (dtypes.{dt}.output / .layer)")
+        need = ("output", "layer") + (("oracle_ratio",) if dt in ("bfloat16", "float16") else ())
+        for k in need:
+            v = entry.get(k)
+            if type(v) not in (int, float) or not math.isfinite(v) or v <= 0:
+                _fail_user(f"--thresholds {path}: dtypes.{dt}.{k} must be a positive number, got {v!r}")
+    ov = raw.get("overrides") or []
+    if not isinstance(ov, list) or not all(isinstance(o, dict) and isinstance(o.get("pattern"), str)
+                                           and type(o.get("max_rel")) in (int, float) for o in ov):
+        _fail_user(f"--thresholds {path}: overrides must be a list of {{pattern: GLOB, max_rel: NUMBER}}")
+
+
+def _echo(text: str) -> None:
+    """Print a line that may hold names from the user's files literally (no control characters reach the terminal)."""
+    from converter.errors import literal
+
+    typer.echo("\n".join(literal(t) for t in str(text).split("\n")))
 
 
 def _user_errors():
@@ -50,11 +105,13 @@ def _user_errors():
 def replay(
     case: Path = typer.Argument(..., help="case prefix <dir>/<name> (or any of its files)"),
     framework: str = typer.Option("mindspore", help="mindspore (the port) or torch (the project's reference)"),
-    device: str = typer.Option("CPU", help="MindSpore device: CPU or Ascend"),
+    device: str = typer.Option("CPU", help="MindSpore device: CPU, CPU-bf16 (Ascend's bf16 numerics emulated on the "
+                               "CPU, docs/bf16.md) or Ascend"),
     mode: str = typer.Option("free", help="free (end to end) or teacher (each block gets the torch block's inputs)"),
     report: Optional[Path] = typer.Option(None, help="write report.json/.md/.html and junit.xml here"),
     save_outputs: Optional[Path] = typer.Option(None, help="write the produced outputs (safetensors, by name)"),
-    dtype: str = typer.Option("float32", help="candidate dtype: float32, bfloat16, float16 (oracle-judged), float64"),
+    dtype: Optional[str] = typer.Option(None, help="candidate dtype: float32, bfloat16, float16 (oracle-judged), "
+                                        "float64; default: the dtype the case was made in (its weights file)"),
     oracle: bool = typer.Option(False, help="also run the torch reference in float64 and report error ratios"),
     thresholds: Optional[Path] = typer.Option(None, help="thresholds YAML (default parity/thresholds.yaml)"),
     include: Optional[List[str]] = typer.Option(None, help="capture only module paths matching this glob (repeat)"),
@@ -63,11 +120,16 @@ def replay(
     hooks: bool = typer.Option(True, help="capture per-layer outputs (--no-hooks: outputs only)"),
     jit: bool = typer.Option(False, help="MindSpore: run under ms.jit (outputs only; needs --no-hooks)"),
     perturb: Optional[List[str]] = typer.Option(None, help="fault injection: NAME=SCALE multiplies a candidate weight by 1+SCALE"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="print nothing but errors (the exit code tells the verdict)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="also print the report's notes and first divergence"),
 ):
     """Replay a case on a framework and compare every output and aligned layer with the case."""
     from parity.engine import ReplayOptions
     from parity.engine import replay as do_replay
     from parity.report import summary_line
+
+    _check_device(device)
+    _check_thresholds(thresholds, dtype)
 
     opts = ReplayOptions(framework=framework, device=device, mode=mode, dtype=dtype, oracle=oracle, report_dir=report,
                          save_outputs=save_outputs, thresholds=thresholds, include=include or None,
@@ -77,9 +139,15 @@ def replay(
         rep = do_replay(case, opts)
     except _user_errors() as e:
         _fail_user(str(e))
-    typer.echo(summary_line(rep))
-    if report:
-        typer.echo(f"report: {report}/report.md (also report.json, report.html, junit.xml)")
+    if not quiet:
+        _echo(summary_line(rep))
+        if verbose:
+            for n in rep.get("notes") or []:
+                _echo(f"note: {n}")
+            if rep.get("first_divergence"):
+                _echo(f"first divergence: {json.dumps(rep['first_divergence'])}")
+        if report:
+            _echo(f"report: {report}/report.md (also report.json, report.html, junit.xml)")
     raise typer.Exit(0 if rep["verdict"] == "pass" else 1)
 
 
@@ -114,8 +182,11 @@ def run(
     report: Optional[Path] = typer.Option(None, help="report directory (default reports/parity/run_<model>_<config>)"),
     case_dir: Optional[Path] = typer.Option(None, help="keep the dumped case here (default: a temporary directory)"),
     seed: int = typer.Option(0),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="print nothing but errors (the exit code tells the verdict)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="also print each replay's notes"),
 ):
     """Dump (torch process) + replay (this process) in one command."""
+    _check_device(device)
     from parity.engine import ReplayOptions, dump_subprocess
     from parity.engine import replay as do_replay
     from parity.report import summary_line
@@ -129,13 +200,17 @@ def run(
     name = f"{model}_{Path(config).stem}"
     try:
         prefix = dump_subprocess(model, config, case_dir / name, weights=str(weights) if weights else None, seed=seed)
-        typer.echo(f"dumped (torch process): {prefix}.*")
+        if not quiet:
+            _echo(f"dumped (torch process): {prefix}.*")
         worst = 0
         for m in modes:
             rdir = report / m if len(modes) > 1 else report
             rep = do_replay(prefix, ReplayOptions(framework=framework, device=device, mode=m, report_dir=rdir))
-            typer.echo(summary_line(rep))
-            typer.echo(f"report: {rdir}/report.md")
+            if not quiet:
+                _echo(summary_line(rep))
+                for n in (rep.get("notes") or []) if verbose else []:
+                    _echo(f"note: {n}")
+                _echo(f"report: {rdir}/report.md")
             worst = max(worst, 0 if rep["verdict"] == "pass" else 1)
     except _user_errors() as e:
         _fail_user(str(e))
@@ -153,13 +228,19 @@ def suite(
     frameworks: str = typer.Option("torch,mindspore", help="comma-separated"),
     modes: str = typer.Option("free,teacher", help="comma-separated"),
     only: Optional[List[str]] = typer.Option(None, help="only these case names (repeat)"),
+    device: str = typer.Option("CPU", help="MindSpore device: CPU, CPU-bf16 (emulated bf16) or Ascend"),
+    dtype: Optional[str] = typer.Option(None, help="replay dtype (default: each case's own); bfloat16 judges "
+                                                   "every run against the float64 oracle"),
+    hooks: bool = typer.Option(True, help="--no-hooks: outputs only"),
 ):
     """Replay every covered case; one summary line per case; exit 1 if any covered run fails."""
+    _check_device(device)
     from parity.ci import DEFAULT_CASES, run_suite
 
     try:
         rc = run_suite(cases or DEFAULT_CASES, report, [f for f in frameworks.split(",") if f],
-                       [m for m in modes.split(",") if m], only=only or None)
+                       [m for m in modes.split(",") if m], only=only or None, device=device, dtype=dtype,
+                       hooks=hooks)
     except _user_errors() as e:
         _fail_user(str(e))
     raise typer.Exit(rc)

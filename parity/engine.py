@@ -19,8 +19,10 @@ Replay (`replay()`):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import json
+import math
 import os
 import subprocess
 import sys
@@ -35,9 +37,9 @@ from parity import adapters as _adapters
 from parity.align import Aligner, split_hook_name
 from parity.capture import ROOT, Capture, ModuleFilter, Sink, TeacherForcer, TeacherRecorder
 from parity.case import Case, HookStore
-from parity.metrics import ORACLE_DTYPES, Thresholds, compare_arrays, oracle_ratio, verdict
+from parity.metrics import ORACLE_DTYPES, Thresholds, bf16_ulps, compare_arrays, oracle_ratio, verdict
 from parity.report import environment, write_reports
-from parity.tensorio import SafetensorsReader, SafetensorsWriter, atomic_write_text, save_dict
+from parity.tensorio import SafetensorsReader, SafetensorsWriter, atomic_write_text, read_header, save_dict
 
 FRAMEWORKS = ("torch", "mindspore")
 MODES = ("free", "teacher")
@@ -57,7 +59,7 @@ class ReplayOptions:
     framework: str = "mindspore"
     device: str = "CPU"
     mode: str = "free"
-    dtype: str = "float32"
+    dtype: str | None = None        # None: the dtype the case was made in (its weights file)
     oracle: bool = False
     report_dir: Path | None = None
     save_outputs: Path | None = None
@@ -72,20 +74,35 @@ class ReplayOptions:
 
 
 # ---------------------------------------------------------------------------------------------- frameworks
+DEVICES = ("CPU", "CPU-bf16", "Ascend")
+
+
 def setup_mindspore(device: str = "CPU", pynative: bool = True) -> None:
-    """Select device and mode before `opensora_ms` is imported (its op layer folds the device at import)."""
+    """Select device and mode before `opensora_ms` is imported (its op layer folds the device at import).
+    "CPU-bf16" = MindSpore's CPU target with the op layer emulating Ascend's bf16 numerics (docs/bf16.md)."""
     import mindspore as ms
 
-    if "opensora_ms.ops.device" in sys.modules:
+    if device not in DEVICES:
+        raise ReplayError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+    target = "CPU" if device == "CPU-bf16" else device
+    op_modules = [m for m in ("opensora_ms.ops.nn", "opensora_ms.ops.conv") if m in sys.modules]
+    if op_modules:
         from opensora_ms.ops import device as D
 
         if D.DEVICE != device:
-            raise ReplayError(f"opensora_ms was already imported for {D.DEVICE}; cannot switch to {device} in-process")
+            raise ReplayError(f"opensora_ms was already imported for {D.DEVICE}; cannot switch to {device} in-process "
+                              "(run it in its own process)")
     try:
-        ms.set_device(device)
+        ms.set_device(target)
     except (AttributeError, RuntimeError):
-        ms.set_context(device_target=device)
+        ms.set_context(device_target=target)
     ms.set_context(mode=ms.PYNATIVE_MODE if pynative else ms.GRAPH_MODE)
+    from opensora_ms.ops import device as D
+
+    try:
+        D.configure(device)
+    except (ValueError, RuntimeError) as e:
+        raise ReplayError(f"--device {device}: {e}") from e
 
 
 def _torch_dtype(name: str):
@@ -159,8 +176,34 @@ def run_config(case: Case, **extra) -> dict:
 def _run_torch(adapter, case: Case, weights, inputs, dtype: str, work: Path, tag: str, filt: ModuleFilter,
                hooks: bool, teacher=None, teacher_dtype: str | None = None) -> RunResult:
     model = build_torch_loaded(adapter, case.model_cfg, weights, dtype, where=str(case.file("weights")))
-    return _run(model, lambda: adapter.run_torch(model, inputs, run_config(case)), work, tag, filt, hooks, teacher,
-                teacher_dtype=teacher_dtype)
+    with torch_numerics(dtype):
+        return _run(model, lambda: adapter.run_torch(model, inputs, run_config(case)), work, tag, filt, hooks,
+                    teacher, teacher_dtype=teacher_dtype)
+
+
+@contextlib.contextmanager
+def torch_numerics(dtype: str):
+    """Low-precision torch runs use ATen's own kernels, not oneDNN's: oneDNN picks its bf16 GEMM by CPU ISA
+    (avx512_bf16/AMX accumulate differently), so the same call gives different bits on different CPUs, while
+    ATen's path reproduces the shared cases' stored bf16 outputs bit for bit (t5_tiny differs in 2259 of 23040
+    elements with oneDNN on an avx512_bf16 CPU, in none without)."""
+    if dtype not in ORACLE_DTYPES:
+        yield
+        return
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)   # "TF32 acceleration on top of oneDNN ..." (irrelevant here)
+        flags = torch.backends.mkldnn.flags(enabled=False)
+        flags.__enter__()
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            flags.__exit__(None, None, None)
 
 
 def _run(model, call, work: Path, tag: str, filt: ModuleFilter, hooks: bool, teacher=None, adapt=None,
@@ -211,8 +254,26 @@ def _torch_module_paths(adapter, cfg) -> set[str] | None:
 
 
 # ---------------------------------------------------------------------------------------------- replay
-def replay(case_path, opts: ReplayOptions | None = None, **kw) -> dict:
-    opts = opts or ReplayOptions(**kw)
+# Case outputs named `bf16/<name>` hold `<name>` from the same call with every weight in bfloat16
+# (../shared/upstream/tiny/README.md "Cases"); a bf16 replay judges them, a float32 replay of a port defers them.
+LOWP_PREFIX = "bf16/"
+
+
+def case_dtype(case: Case) -> str:
+    """The dtype a case was made in, read off its weights file (not only from --dtype): bfloat16 when any
+    floating weight is BF16, float16 when F16, float64 when all are F64, else float32."""
+    index, _ = read_header(case.file("weights"))
+    kinds = {v["dtype"] for v in index.values()}
+    if "BF16" in kinds:
+        return "bfloat16"
+    if "F16" in kinds:
+        return "float16"
+    if kinds and kinds <= {"F64", "I64", "I32", "BOOL", "U8"} and "F64" in kinds:
+        return "float64"
+    return "float32"
+
+
+def _check_options(opts: ReplayOptions) -> None:
     if opts.framework not in FRAMEWORKS:
         raise ReplayError(f"--framework must be one of {FRAMEWORKS}")
     if opts.mode not in MODES:
@@ -220,11 +281,42 @@ def replay(case_path, opts: ReplayOptions | None = None, **kw) -> dict:
     if opts.dtype not in DTYPES:
         raise ReplayError(f"--dtype must be one of {DTYPES}")
     if opts.framework == "mindspore" and opts.device == "CPU" and opts.dtype != "float32":
-        raise ReplayError("MindSpore CPU computes float32 only (notes/mindspore-cpu.md §0); "
-                          "judge bf16/fp16 on Ascend, or run --framework torch to exercise the oracle path")
+        raise ReplayError(f"MindSpore CPU computes float32 only (notes/mindspore-cpu.md §0) and this replay is "
+                          f"{opts.dtype}; judge bf16 with --device CPU-bf16 (emulated) or on Ascend")
+    if opts.framework == "mindspore" and opts.device == "CPU-bf16" and opts.dtype != "bfloat16":
+        raise ReplayError(f"--device CPU-bf16 emulates bfloat16; --dtype {opts.dtype} does not apply")
     if opts.jit and opts.framework == "mindspore" and opts.hooks:
         raise ReplayError("--jit ignores hooks (MindSpore runs hooks only in PyNative); add --no-hooks to compare outputs only")
+
+
+def _build_candidate_ms(adapter, case: Case, weights, opts: ReplayOptions):
+    """The port with the (possibly perturbed) case weights. Only a port that is not there at all is "not
+    covered"; an ImportError raised inside a port that exists is a bug of the suite (re-raised)."""
+    try:
+        return build_ms_loaded(adapter, case.model_cfg, weights)
+    except ModuleNotFoundError as e:
+        missing = e.name or ""
+        if missing.startswith("opensora_ms") and _spec_absent(missing):
+            raise NotCoveredError(f"{case.name}: the MindSpore port is not available: {e}") from e
+        raise
+
+
+def _spec_absent(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is None
+    except (ImportError, ValueError):
+        return True
+
+
+def replay(case_path, opts: ReplayOptions | None = None, **kw) -> dict:
+    opts = opts or ReplayOptions(**kw)
     case = Case.open(case_path)
+    made_in = case_dtype(case)
+    emulated = opts.framework == "mindspore" and opts.device == "CPU-bf16"
+    opts = dataclasses.replace(opts, dtype=opts.dtype or ("bfloat16" if emulated else made_in))
+    _check_options(opts)
     th = Thresholds.load(opts.thresholds)
     if opts.framework == "mindspore":
         setup_mindspore(opts.device, pynative=True)
@@ -232,42 +324,44 @@ def replay(case_path, opts: ReplayOptions | None = None, **kw) -> dict:
         adapter = _adapters.for_config(case.config_name)
     except _adapters.NotCovered as e:
         raise NotCoveredError(f"{case.name}: not covered: {e}") from e
-    cfg = case.model_cfg
+    from parity.adapters.base import check_case
+
+    check_case(adapter, case)  # config types, size vs memory, the inputs the model needs: before anything is built
     inputs = case.inputs()
     weights = case.weights_numpy()
     filt = ModuleFilter(opts.include, opts.exclude, opts.max_depth)
     use_oracle = opts.oracle or opts.dtype in ORACLE_DTYPES
-    notes: list[str] = []
+    notes, problems = [], _case_problems(case)
+    case_hooks = case.hooks_reader()
+    # without stored hooks (and no oracle run to stand in) only outputs can be compared: capture none
+    capture = opts.hooks and (use_oracle or case_hooks is not None)
+    if opts.hooks and not capture:
+        notes.append("the case stores no hooks: outputs only")
+    if made_in != "float32":
+        notes.append(f"the case was made in {made_in} (its weights file)")
 
     with tempfile.TemporaryDirectory(prefix="msconv-parity-", dir=opts.workdir) as tmp:
         work = Path(tmp)
-        # -- teacher inputs from the torch reference (same weights, same inputs)
         teacher = None
-        teacher_dtype_rec = opts.dtype if opts.framework == "torch" else "float32"
         if opts.mode == "teacher":
-            teacher = record_teacher_inputs(adapter, case, weights, inputs, teacher_dtype_rec, work)
+            rec_dtype = opts.dtype if opts.framework == "torch" else "float32"
+            teacher = record_teacher_inputs(adapter, case, weights, inputs, rec_dtype, work)
             if not teacher.calls:
                 raise ReplayError(f"teacher mode: no module matches TEACHER_BLOCKS {adapter.TEACHER_BLOCKS}")
-        # -- candidate
         cand_weights = perturb_weights(weights, opts.perturb)
         if opts.perturb:
             notes.append("candidate weights perturbed: " + ", ".join(f"{k} x (1 {v:+g})" for k, v in opts.perturb.items()))
         if opts.framework == "torch":
-            cand = _run_torch(adapter, case, cand_weights, inputs, opts.dtype, work, "candidate", filt, opts.hooks,
+            cand = _run_torch(adapter, case, cand_weights, inputs, opts.dtype, work, "candidate", filt, capture,
                               teacher)
-            aligner = Aligner()
+            aligner = Aligner(_declarations(adapter, case))
         else:
-            try:
-                net, mapping = build_ms_loaded(adapter, cfg, cand_weights)
-            except ImportError as e:
-                raise NotCoveredError(f"{case.name}: the MindSpore port is not available: {e}") from e
-            # the mapping's vars (its own and its includes', as planning reads them) off the case's weight shapes;
-            # one that cannot be read is a MappingError naming it
+            net, mapping = _build_candidate_ms(adapter, case, cand_weights, opts)
+            # the mapping's vars (its own and its includes') off the case's weight shapes
             aligner = Aligner(getattr(mapping, "align", None) or [], mapping.resolve_vars(case.weight_shapes()))
             case_cfg = run_config(case, jit=True) if opts.jit else run_config(case)
-            adapt = getattr(adapter, "teacher_adapt", None)
-            cand = _run(net, lambda: adapter.run_ms(net, inputs, case_cfg), work, "candidate", filt, opts.hooks,
-                        teacher, adapt=adapt, path_map=aligner.ms_path)
+            cand = _run(net, lambda: adapter.run_ms(net, inputs, case_cfg), work, "candidate", filt, capture,
+                        teacher, adapt=getattr(adapter, "teacher_adapt", None), path_map=aligner.ms_path)
         if opts.mode == "teacher":
             notes.append(f"teacher forcing: {len(cand.forced)} block calls got the torch reference's recorded inputs")
             if cand.not_forced:
@@ -275,33 +369,154 @@ def replay(case_path, opts: ReplayOptions | None = None, **kw) -> dict:
         if opts.save_outputs:
             save_dict(opts.save_outputs, cand.outputs, {"case": case.name, "framework": opts.framework})
 
-        # -- references
+        stored = case.outputs_reader()
+        lowp_names = [k for k in stored.keys() if k.startswith(LOWP_PREFIX)]
+        main_outputs = _Only(stored, [k for k in stored.keys() if k not in lowp_names])
+        oracle_outputs = None
         if use_oracle:
-            oracle = _run_torch(adapter, case, weights, inputs, "float64", work, "oracle", ModuleFilter(), True,
+            oracle = _run_torch(adapter, case, weights, inputs, "float64", work, "oracle", ModuleFilter(), capture,
                                 teacher, teacher_dtype="float64")
-            same = _run_torch(adapter, case, weights, inputs, opts.dtype, work, "same", ModuleFilter(), True,
+            same = _run_torch(adapter, case, weights, inputs, opts.dtype, work, "same", ModuleFilter(), capture,
                               teacher)
-            ref = HookStore(oracle.hooks)
-            same_store = HookStore(same.hooks)
-            ref_outputs, same_outputs = oracle.outputs, same.outputs
-            ref_hook_names = [r.name for r in oracle.records]
+            ref, same_store = HookStore(oracle.hooks), HookStore(same.hooks)
+            ref_outputs, same_outputs, oracle_outputs = oracle.outputs, same.outputs, oracle.outputs
+            ref_hook_names = [r.name for r in oracle.records] if capture else case.hook_names()
             notes.append(f"reference: project torch reference in float64 (oracle); ratio vs torch {opts.dtype}")
         else:
-            ref = HookStore(case.hooks_reader(), case.aliases)
+            ref = HookStore(case_hooks, case.aliases)
             same_store, same_outputs = None, None
-            ref_outputs = case.outputs_reader()      # lazy: one tensor at a time
-            ref_hook_names = case.hook_names()
+            ref_outputs = main_outputs      # lazy: one tensor at a time
+            ref_hook_names = case.hook_names() if capture else []
             notes.append("reference: the case's stored outputs and hooks (upstream)")
 
         rep = _compare(case, opts, th, aligner, cand, ref, ref_outputs, ref_hook_names, same_store, same_outputs,
-                       use_oracle, filt, adapter)
+                       use_oracle, filt, adapter, case_outputs=main_outputs)
+        # stored low-precision outputs: the bf16/ outputs of any case, or every output of a bf16 case
+        pairs = {k: k[len(LOWP_PREFIX):] for k in lowp_names}
+        if made_in in ORACLE_DTYPES:
+            pairs.update({k: k for k in main_outputs.keys()})
+        if pairs:
+            _judge_stored_lowp(rep, adapter, case, opts, th, weights, inputs, pairs, stored, cand, oracle_outputs, work)
     rep["notes"] = notes + rep.get("notes", [])
+    if problems:
+        rep["verdict"] = "fail"
+        rep["notes"] += problems
     if opts.mode == "teacher" and not cand.forced:
         rep["verdict"] = "fail"
         rep["notes"].append("teacher mode forced no block: nothing was teacher-forced")
     if opts.report_dir:
         write_reports(rep, opts.report_dir)
     return rep
+
+
+def _declarations(adapter, case: Case) -> list[dict]:
+    """For a torch replay: the mapping's declarations of captures the case does not store (`{ms: ..., torch:
+    null, reason}`; module names are the same in the reference and the port). No mapping: none."""
+    try:
+        from converter.mapping import load_mapping
+
+        align = load_mapping(adapter.mapping_name(case.model_cfg)).align or []
+    except (ImportError, UserError):
+        return []
+    return [e for e in align if isinstance(e, dict) and not e.get("torch") and e.get("ms")]
+
+
+class _Only:
+    """A view of a lazy reader restricted to some names (keys/in/[])."""
+
+    def __init__(self, reader, names):
+        self.reader, self.names = reader, list(names)
+
+    def keys(self):
+        return list(self.names)
+
+    def __contains__(self, k):
+        return k in self.names
+
+    def __getitem__(self, k):
+        if k not in self.names:
+            raise KeyError(k)
+        return self.reader[k]
+
+
+def _case_problems(case: Case) -> list[str]:
+    """What makes a case compare nothing useful (each fails the verdict)."""
+    out = []
+    if not case.outputs_reader().keys():
+        out.append(f"{case.file('outputs')}: holds no tensor: the case has nothing to compare")
+    hooks = case.hooks_reader()
+    if hooks is None and case.file("hooks_aliases").is_file():
+        out.append(f"{case.file('hooks')}: missing, but the case claims hooks ({case.file('hooks_aliases').name})")
+    elif hooks is not None and not hooks.keys():
+        out.append(f"{case.file('hooks')}: holds no tensor")
+    return out
+
+
+def _judge_stored_lowp(rep, adapter, case, opts, th, weights, inputs, pairs: dict[str, str], stored, cand,
+                       oracle_outputs, work) -> None:
+    """Compare low-precision outputs with the case's stored ones (`pairs`: stored name -> output name).
+
+    torch: the reference's own low-precision run must reproduce upstream's stored values (same ops on a CPU:
+    bit-exact expected, `stored_ulps` allowed); the float64 oracle error of both is reported beside it (their ratio
+    is ~1 by construction for torch and proves nothing alone). A float32 MindSpore run defers them to an
+    emulated-bf16 replay (docs/parity.md "Low precision")."""
+    lowp = "bfloat16"
+    if opts.framework == "mindspore" and opts.dtype == "float32":
+        rep["deferred_outputs"] = sorted(pairs)
+        rep.setdefault("notes", []).append(
+            "not judged in this float32 run (stored bfloat16 outputs; judged by a bf16 replay): " + ", ".join(sorted(pairs)))
+        return
+    if opts.dtype == lowp:
+        produced = cand.outputs
+    elif opts.framework == "torch":
+        produced = _run_torch(adapter, case, weights, inputs, lowp, work, "lowp", ModuleFilter(), False).outputs
+    else:
+        rep["deferred_outputs"] = sorted(pairs)
+        return
+    if oracle_outputs is None:
+        oracle_outputs = _run_torch(adapter, case, weights, inputs, "float64", work, "lowp-oracle", ModuleFilter(),
+                                    False).outputs
+    max_ulps = float(th.for_dtype(lowp).get("stored_ulps", 1))
+    rows = []
+    for sname, oname in pairs.items():
+        ref = stored[sname]
+        if oname not in produced:
+            rep.setdefault("missing_outputs", []).append(sname)
+            continue
+        x = np.asarray(produced[oname], dtype=np.float32)
+        m = compare_arrays(x, ref)
+        row = {"name": sname, "kind": "output", **m, "limit": None}
+        if m.get("shape_mismatch"):
+            v, reason = "fail", f"shape {m['shape']} != stored {m['ref_shape']}"
+        else:
+            row["ulps"] = bf16_ulps(x, ref)
+            if oname in oracle_outputs:
+                e_test = compare_arrays(x, oracle_outputs[oname])
+                e_ref = compare_arrays(ref, oracle_outputs[oname])
+                row["oracle"] = {"err_test": e_test["rmse"], "err_ref": e_ref["rmse"], "metric": "rmse",
+                                 "ratio": oracle_ratio(e_test["rmse"], e_ref["rmse"], e_ref["ref_rms"], lowp),
+                                 "vs": "stored"}
+            if opts.framework == "torch":
+                v, reason = verdict(m, math.inf, 1.0)
+                if v != "fail" and not row["ulps"] <= max_ulps:
+                    v, reason = "fail", f"{row['ulps']:.3g} bf16 ulps from the stored output (allowed {max_ulps:g})"
+                elif v != "fail":
+                    v, reason = "pass", f"{row['ulps']:.3g} bf16 ulps from the stored output"
+            else:   # a port in (emulated) bf16 is judged by the oracle above; its distance to upstream is reported
+                v, reason = "pass", f"reported: {row['ulps']:.3g} bf16 ulps from the stored output (judged by the oracle)"
+        row["verdict"], row["reason"], row["score"] = v, reason, None
+        rows.append(row)
+    rep["tensors"] += rows
+    rep["counts"]["compared"] += len(rows)
+    fails = [r for r in rows if r["verdict"] == "fail"]
+    rep["counts"]["fail"] += len(fails)
+    rep["stored_lowp"] = {"compared": [r["name"] for r in rows], "max_ulps": max((r.get("ulps", 0) for r in rows), default=0)}
+    if fails or rep.get("missing_outputs"):
+        rep["verdict"] = "fail"
+        if rep.get("first_divergence") is None and fails:
+            f = fails[0]
+            rep["first_divergence"] = {"name": f["name"], "kind": "output", "index": rep["tensors"].index(f),
+                                       "max_rel": f.get("max_rel"), "reason": f["reason"]}
 
 
 def optional_outputs(adapter, framework: str) -> list[str]:
@@ -314,75 +529,41 @@ def optional_outputs(adapter, framework: str) -> list[str]:
     return list(spec)
 
 
-def _compare(case, opts, th, aligner, cand: RunResult, ref: HookStore, ref_outputs, ref_hook_names, same_store,
-             same_outputs, use_oracle, filt, adapter) -> dict:
-    dtype = opts.dtype
-    by_ratio = use_oracle and dtype in ORACLE_DTYPES
+def _judge_tensor(name, kind, x, expected, torch_names, same_expected, *, th, dtype, use_oracle) -> dict:
+    """One row of the report: metrics, limit, oracle ratio (low precision) and the verdict."""
     tcfg = th.for_dtype(dtype)
-    warn_fraction = float(tcfg.get("warn_fraction", 0.5))
+    by_ratio = use_oracle and dtype in ORACLE_DTYPES
     o_limit = float(tcfg["oracle_ratio"]) if by_ratio else None
     o_warn = float(tcfg["oracle_warn"]) if by_ratio and "oracle_warn" in tcfg else None
-    tensors: list[dict] = []
-    consumed: set[str] = set()
-    unaligned_candidate: list[str] = []
+    limit = th.limit(torch_names[0] if torch_names else name, kind, dtype)
+    m = compare_arrays(x, expected, elem_limit=None if by_ratio else limit)
+    row = {"name": name, "kind": kind, **m, "limit": limit}
+    if torch_names and torch_names != [name]:
+        row["torch"] = torch_names
+    if use_oracle and same_expected is not None and not m.get("shape_mismatch"):
+        ms_ = compare_arrays(same_expected, expected)
+        if not ms_.get("shape_mismatch"):
+            row["oracle"] = {"err_test": m["rmse"], "err_ref": ms_["rmse"], "metric": "rmse",
+                             "max_rel_ref": ms_["max_rel"],
+                             "ratio": oracle_ratio(m["rmse"], ms_["rmse"], m["ref_rms"], dtype)}
+    v, reason = verdict(m, limit, float(tcfg.get("warn_fraction", 0.5)), oracle=row.get("oracle"),
+                        oracle_limit=o_limit, oracle_warn=o_warn,
+                        elem_max_fraction=None if by_ratio else tcfg.get("elem_max_fraction"))
+    if by_ratio and "oracle" not in row:
+        v, reason = "fail", "no same-dtype torch tensor to form the oracle ratio"
+    row["verdict"], row["reason"] = v, reason
+    if by_ratio and "oracle" in row:
+        row["score"] = row["oracle"]["ratio"] / o_limit
+    elif not m.get("shape_mismatch"):
+        row["score"] = m["max_rel"] / limit if limit else None
+    else:
+        row["score"] = float("inf")
+    return row
 
-    def judge(name, kind, x, expected, torch_names, same_expected):
-        m = compare_arrays(x, expected)
-        row = {"name": name, "kind": kind, **m}
-        if torch_names and torch_names != [name]:
-            row["torch"] = torch_names
-        limit = th.limit(torch_names[0] if torch_names else name, kind, dtype)
-        row["limit"] = limit
-        if use_oracle and same_expected is not None and not m.get("shape_mismatch"):
-            ms_ = compare_arrays(same_expected, expected)
-            if not ms_.get("shape_mismatch"):
-                row["oracle"] = {"err_test": m["rmse"], "err_ref": ms_["rmse"], "metric": "rmse",
-                                 "max_rel_ref": ms_["max_rel"],
-                                 "ratio": oracle_ratio(m["rmse"], ms_["rmse"], m["ref_rms"], dtype)}
-        v, reason = verdict(m, limit, warn_fraction, oracle=row.get("oracle"), oracle_limit=o_limit,
-                            oracle_warn=o_warn)
-        if by_ratio and "oracle" not in row:
-            v, reason = "fail", "no same-dtype torch tensor to form the oracle ratio"
-        row["verdict"], row["reason"] = v, reason
-        if by_ratio and "oracle" in row:
-            row["score"] = row["oracle"]["ratio"] / o_limit
-        elif not m.get("shape_mismatch"):
-            row["score"] = m["max_rel"] / limit if limit else None
-        else:
-            row["score"] = float("inf")
-        tensors.append(row)
 
-    # hooks, in capture order
-    if cand.hooks is not None:
-        for rec in cand.records:
-            exp = aligner.expected(rec.module, rec.suffix, ref.__contains__, ref.get)
-            if exp.array is None:
-                label = rec.name if exp.entry is None else f"{rec.name} (align entry needs missing {exp.missing})"
-                unaligned_candidate.append(label)
-                continue
-            consumed.update(exp.torch_names)
-            same_exp = None
-            if same_store is not None:
-                s = aligner.expected(rec.module, rec.suffix, same_store.__contains__, same_store.get)
-                same_exp = s.array
-            judge(rec.name, "hook", cand.hooks.get(rec.name), exp.array, exp.torch_names, same_exp)
-    # outputs: every case output the candidate does not produce fails the verdict, unless the adapter declares it
-    # optional (`OPTIONAL_OUTPUTS`: globs, or {framework: globs}, for outputs a framework cannot produce)
-    optional = optional_outputs(adapter, opts.framework)
-    absent = [k for k in ref_outputs.keys() if k not in cand.outputs]
-    missing_outputs = [k for k in absent if not any(fnmatch.fnmatchcase(k, g) for g in optional)]
-    missing_optional = [k for k in absent if k not in missing_outputs]
-    for name, x in cand.outputs.items():
-        if name not in ref_outputs:
-            unaligned_candidate.append(f"output:{name}")
-            continue
-        judge(name, "output", x, ref_outputs[name], [name], same_outputs.get(name) if same_outputs else None)
-
-    # torch tensors that aligned with nothing
-    leftover = [n for n in ref_hook_names if n not in consumed]
-    module_paths = cand.module_paths or (_torch_module_paths(adapter, case.model_cfg) if leftover else None)
+def _unaligned_torch(leftover, module_paths, captured_any, filt, aligner) -> tuple[list[str], dict[str, str]]:
+    """Torch tensors that aligned with nothing, each with the mapping's declared reason where there is one."""
     unaligned, reasons = [], {}
-    captured_any = cand.hooks is not None
     for name in leftover:
         module, _ = split_hook_name(name, module_paths)
         if not captured_any:
@@ -394,17 +575,70 @@ def _compare(case, opts, th, aligner, cand: RunResult, ref: HookStore, ref_outpu
             if r:
                 reasons[name] = r
         unaligned.append(name)
+    return unaligned, reasons
+
+
+def _first_divergence(tensors: list[dict]) -> dict | None:
+    fails = [t for t in tensors if t["verdict"] == "fail"]
+    if not fails:
+        return None
+    f = fails[0]
+    first = {"name": f["name"], "kind": f["kind"], "index": tensors.index(f), "max_rel": f.get("max_rel"),
+             "reason": f.get("reason")}
+    if "torch" in f:
+        first["torch"] = f["torch"]
+    if "oracle" in f:
+        first["oracle_ratio"] = f["oracle"]["ratio"]
+    return first
+
+
+def _compare(case, opts, th, aligner, cand: RunResult, ref: HookStore, ref_outputs, ref_hook_names, same_store,
+             same_outputs, use_oracle, filt, adapter, case_outputs=None) -> dict:
+    """Judge every candidate capture and output; the verdict fails on any failing tensor, on any tensor that
+    aligned with nothing without a reason declared in the mapping's `align:`, on a case output the candidate does
+    not produce, and when nothing was compared."""
+    dtype = opts.dtype
+    judge = lambda *a: tensors.append(_judge_tensor(*a, th=th, dtype=dtype, use_oracle=use_oracle))  # noqa: E731
+    tensors: list[dict] = []
+    consumed: set[str] = set()
+    unaligned_candidate, candidate_reasons = [], {}
+    if cand.hooks is not None:   # hooks, in capture order
+        for rec in cand.records:
+            exp = aligner.expected(rec.module, rec.suffix, ref.__contains__, ref.get)
+            if exp.array is None:
+                label = rec.name if exp.entry is None else f"{rec.name} (align entry needs missing {exp.missing})"
+                unaligned_candidate.append(label)
+                r = aligner.explicit_ms_reason(rec.module)
+                if r:
+                    candidate_reasons[label] = r
+                continue
+            consumed.update(exp.torch_names)
+            same_exp = None
+            if same_store is not None:
+                same_exp = aligner.expected(rec.module, rec.suffix, same_store.__contains__, same_store.get).array
+            judge(rec.name, "hook", cand.hooks.get(rec.name), exp.array, exp.torch_names, same_exp)
+    # outputs: every case output the candidate does not produce fails, unless the adapter declares it optional
+    # (`OPTIONAL_OUTPUTS`: globs, or {framework: globs}, for outputs a framework cannot produce)
+    case_outputs = ref_outputs if case_outputs is None else case_outputs
+    optional = optional_outputs(adapter, opts.framework)
+    absent = [k for k in case_outputs.keys() if k not in cand.outputs]
+    missing_outputs = [k for k in absent if not any(fnmatch.fnmatchcase(k, g) for g in optional)]
+    missing_optional = [k for k in absent if k not in missing_outputs]
+    for name, x in cand.outputs.items():
+        if name not in ref_outputs:
+            if name not in case_outputs:
+                unaligned_candidate.append(f"output:{name}")
+                candidate_reasons[f"output:{name}"] = "not among the case's outputs"
+            continue
+        judge(name, "output", x, ref_outputs[name], [name], same_outputs.get(name) if same_outputs else None)
+
+    leftover = [n for n in ref_hook_names if n not in consumed]
+    module_paths = cand.module_paths or (_torch_module_paths(adapter, case.model_cfg) if leftover else None)
+    unaligned, reasons = _unaligned_torch(leftover, module_paths, cand.hooks is not None, filt, aligner)
+    unexplained = [n for n in unaligned if n not in reasons]
+    unexplained_candidate = [n for n in unaligned_candidate if n not in candidate_reasons]
 
     fails = [t for t in tensors if t["verdict"] == "fail"]
-    first = None
-    if fails:
-        f = fails[0]
-        first = {"name": f["name"], "kind": f["kind"], "index": tensors.index(f), "max_rel": f.get("max_rel"),
-                 "reason": f.get("reason")}
-        if "torch" in f:
-            first["torch"] = f["torch"]
-        if "oracle" in f:
-            first["oracle_ratio"] = f["oracle"]["ratio"]
     notes = []
     verdict_all = "fail" if fails else "pass"
     if not tensors:
@@ -413,20 +647,34 @@ def _compare(case, opts, th, aligner, cand: RunResult, ref: HookStore, ref_outpu
     if missing_outputs:
         verdict_all = "fail"
         notes.append("the candidate does not produce case output(s): " + ", ".join(missing_outputs))
+    if unexplained:
+        verdict_all = "fail"
+        notes.append(f"{len(unexplained)} torch tensor(s) aligned with nothing and the mapping's align: declares no "
+                     f"reason: {', '.join(unexplained[:8])}{' ...' if len(unexplained) > 8 else ''}")
+    if unexplained_candidate:
+        verdict_all = "fail"
+        notes.append(f"{len(unexplained_candidate)} candidate capture(s) matched nothing and the mapping's align: "
+                     f"declares no reason: {', '.join(unexplained_candidate[:8])}"
+                     f"{' ...' if len(unexplained_candidate) > 8 else ''}")
     if missing_optional:
         notes.append("optional output(s) the adapter declares it cannot produce (not compared): "
                      + ", ".join(missing_optional))
+    by_ratio = use_oracle and dtype in ORACLE_DTYPES
+    tcfg = th.for_dtype(dtype)
     thresholds = {"dtype": dtype, **{k: v for k, v in tcfg.items()}, "metric": "oracle_ratio" if by_ratio else "max_rel",
                   "overrides": th.raw.get("overrides") or []}
     return {
         "verdict": verdict_all, "case": case.name, "framework": opts.framework, "device": opts.device,
         "mode": opts.mode, "dtype": dtype, "oracle": bool(use_oracle),
         "verdict_metric": "oracle_ratio" if by_ratio else "max_rel",
-        "thresholds": thresholds, "first_divergence": first, "tensors": tensors,
+        "thresholds": thresholds, "first_divergence": _first_divergence(tensors), "tensors": tensors,
         "counts": {"compared": len(tensors), "fail": len(fails),
                    "warn": sum(t["verdict"] == "warn" for t in tensors),
-                   "unaligned": len(unaligned), "unaligned_candidate": len(unaligned_candidate)},
+                   "unaligned": len(unaligned), "unaligned_unexplained": len(unexplained),
+                   "unaligned_candidate": len(unaligned_candidate),
+                   "unaligned_candidate_unexplained": len(unexplained_candidate)},
         "unaligned": unaligned, "unaligned_reasons": reasons, "unaligned_candidate": unaligned_candidate,
+        "unaligned_candidate_reasons": candidate_reasons,
         "missing_outputs": missing_outputs, "missing_optional_outputs": missing_optional,
         "filter": {"include": opts.include, "exclude": opts.exclude, "max_depth": opts.max_depth},
         "environment": environment(opts.device), "notes": notes,

@@ -12,8 +12,14 @@ float64 copy of itself in RAM. Definitions (`x` = tensor under test, `r` = refer
 | `cosine` | x·r / (‖x‖‖r‖); 1 when both are all-zero, 0 when exactly one is |
 | `ratio_1e-3`, `ratio_5e-3` | msprobe One-/Five-Thousandths Err Ratio: fraction of elements with |x − r| / (|r| + eps) < 1e-3 / 5e-3 (eps = 1e-12, msprobe adds eps to zeros) |
 | `nan`, `inf` | NaN / Inf counts in x (the reference's are `ref_nan`, `ref_inf`) |
+| `nonfinite_mismatch` | positions where x and r disagree on being NaN, +Inf or −Inf (compared by position, not count) |
+| `elem_bad` | (with `elem_limit`) fraction of finite elements with |x − r| > elem_limit · (|r| + ELEM_FLOOR · rms(r)) |
 
-Non-finite elements (NaN/Inf in either tensor) are excluded from the error sums; their counts drive the verdict.
+Non-finite elements (NaN/Inf in either tensor) are excluded from the error sums; a non-finite reference or any
+position mismatch fails the verdict. `elem_bad` is the elementwise criterion beside max_rel: max_rel is one global
+maximum, so an error confined to the small-magnitude part of a tensor hides behind the large values; judged
+element by element against its own magnitude (floored at half the tensor's RMS so that values near zero,
+where fp32 cancellation makes relative error meaningless, do not count) it does not (docs/parity.md "Verdicts").
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import yaml
 
 CHUNK = 1 << 22
 EPS_RATIO = 1e-12
+ELEM_FLOOR = 0.5        # elementwise criterion: magnitude floor, as a fraction of rms(ref)
 THRESHOLDS_FILE = Path(__file__).with_name("thresholds.yaml")
 
 # unit roundoff (2^-p) per dtype, used for the oracle ratio's floor
@@ -40,8 +47,9 @@ def _chunks(x: np.ndarray, r: np.ndarray):
         yield xf[s:s + CHUNK].astype(np.float64), rf[s:s + CHUNK].astype(np.float64)
 
 
-def compare_arrays(x: np.ndarray, r: np.ndarray) -> dict:
-    """Metrics of `x` against reference `r`. Shapes must match (callers check and report mismatches)."""
+def compare_arrays(x: np.ndarray, r: np.ndarray, elem_limit: float | None = None) -> dict:
+    """Metrics of `x` against reference `r`. Shapes must match (callers check and report mismatches).
+    With `elem_limit`, also `elem_bad` (the elementwise criterion, a second pass over the chunks)."""
     x, r = np.asarray(x), np.asarray(r)
     out = {"shape": list(x.shape), "ref_shape": list(r.shape), "dtype": str(x.dtype), "ref_dtype": str(r.dtype)}
     if x.shape != r.shape:
@@ -52,12 +60,16 @@ def compare_arrays(x: np.ndarray, r: np.ndarray) -> dict:
     ref_max = 0.0
     sum_abs = sum_sq = dot = xx = rr = 0.0
     cnt1 = cnt5 = 0
-    nan = inf = ref_nan = ref_inf = 0
+    nan = inf = ref_nan = ref_inf = mismatch = 0
     finite_n = 0
     for xc, rc in _chunks(x, r):
         nan += int(np.isnan(xc).sum()); inf += int(np.isinf(xc).sum())
         ref_nan += int(np.isnan(rc).sum()); ref_inf += int(np.isinf(rc).sum())
-        ok = np.isfinite(xc) & np.isfinite(rc)
+        fx, fr = np.isfinite(xc), np.isfinite(rc)
+        if not (fx.all() and fr.all()):   # same kind of non-finite at the same positions, or a mismatch
+            mismatch += int(((np.isnan(xc) != np.isnan(rc)) | (np.isposinf(xc) != np.isposinf(rc))
+                             | (np.isneginf(xc) != np.isneginf(rc))).sum())
+        ok = fx & fr
         if not ok.all():
             xc, rc = xc[ok], rc[ok]
         if xc.size == 0:
@@ -86,10 +98,26 @@ def compare_arrays(x: np.ndarray, r: np.ndarray) -> dict:
         "numel": int(n), "max_abs": max_abs, "max_rel": max_rel, "mean_abs": sum_abs / fn,
         "rmse": math.sqrt(sum_sq / fn), "cosine": cosine,
         "ratio_1e-3": cnt1 / fn if finite_n else 1.0, "ratio_5e-3": cnt5 / fn if finite_n else 1.0,
-        "nan": nan, "inf": inf, "ref_nan": ref_nan, "ref_inf": ref_inf, "ref_max_abs": ref_max,
-        "ref_rms": math.sqrt(rr / fn),
+        "nan": nan, "inf": inf, "ref_nan": ref_nan, "ref_inf": ref_inf, "nonfinite_mismatch": mismatch,
+        "ref_max_abs": ref_max, "ref_rms": math.sqrt(rr / fn),
     })
+    if elem_limit is not None:
+        out["elem_bad"] = _elem_bad(x, r, elem_limit, out["ref_rms"], finite_n)
+        out["elem_limit"] = elem_limit
     return out
+
+
+def _elem_bad(x: np.ndarray, r: np.ndarray, limit: float, ref_rms: float, finite_n: int) -> float:
+    """Fraction of finite elements with |x − r| > limit · (|r| + ELEM_FLOOR · rms(r))."""
+    if not finite_n:
+        return 0.0
+    floor = ELEM_FLOOR * ref_rms
+    bad = 0
+    for xc, rc in _chunks(x, r):
+        ok = np.isfinite(xc) & np.isfinite(rc)
+        d, ar = np.abs(xc - rc)[ok], np.abs(rc)[ok]
+        bad += int((d > limit * (ar + floor)).sum())
+    return bad / finite_n
 
 
 def oracle_ratio(err_test: float, err_ref: float, ref_rms: float, dtype: str) -> float:
@@ -102,6 +130,19 @@ def oracle_ratio(err_test: float, err_ref: float, ref_rms: float, dtype: str) ->
     if floor == 0:
         floor = 1e-300
     return (err_test + floor) / (err_ref + floor)
+
+
+def bf16_ulps(x: np.ndarray, r: np.ndarray) -> float:
+    """max |x − r| in units of the bf16 spacing at max(|x|, |r|) (0 when equal; spacing 2^(e−7) for a magnitude
+    in [2^e, 2^(e+1)), floored at the smallest normal so values near zero are not counted in subnormal ulps)."""
+    x, r = np.asarray(x, dtype=np.float64), np.asarray(r, dtype=np.float64)
+    ok = np.isfinite(x) & np.isfinite(r)
+    if not ok.any():
+        return 0.0
+    x, r = x[ok], r[ok]
+    mag = np.maximum(np.maximum(np.abs(x), np.abs(r)), 2.0 ** -126)
+    spacing = np.exp2(np.floor(np.log2(mag)) - 7)
+    return float((np.abs(x - r) / spacing).max())
 
 
 # ---------------------------------------------------------------------------------------------- thresholds
@@ -135,12 +176,16 @@ class Thresholds:
 
 
 def verdict(m: dict, limit: float, warn_fraction: float, *, oracle: dict | None = None,
-            oracle_limit: float | None = None, oracle_warn: float | None = None) -> tuple[str, str]:
+            oracle_limit: float | None = None, oracle_warn: float | None = None,
+            elem_max_fraction: float | None = None) -> tuple[str, str]:
     """(pass|warn|fail, reason). `oracle` (when given and `oracle_limit` set) decides instead of max_rel."""
     if m.get("shape_mismatch"):
         return "fail", f"shape {m['shape']} != reference {m['ref_shape']}"
-    if m["nan"] > m["ref_nan"] or m["inf"] > m["ref_inf"]:
-        return "fail", f"non-finite values: nan={m['nan']} inf={m['inf']} (reference nan={m['ref_nan']} inf={m['ref_inf']})"
+    if m["ref_nan"] or m["ref_inf"]:
+        return "fail", (f"the reference holds non-finite values (nan={m['ref_nan']} inf={m['ref_inf']}): "
+                        "nothing trustworthy to compare against")
+    if m["nan"] or m["inf"] or m.get("nonfinite_mismatch"):
+        return "fail", f"non-finite values: nan={m['nan']} inf={m['inf']} where the reference is finite"
     if oracle is not None and oracle_limit is not None:
         ratio = oracle["ratio"]
         if not ratio <= oracle_limit:
@@ -151,6 +196,9 @@ def verdict(m: dict, limit: float, warn_fraction: float, *, oracle: dict | None 
     mr = m["max_rel"]
     if not mr <= limit:
         return "fail", f"max_rel {mr:.3g} > {limit:g}"
+    if elem_max_fraction is not None and "elem_bad" in m and not m["elem_bad"] <= elem_max_fraction:
+        return "fail", (f"elementwise: {m['elem_bad']:.3g} of the elements exceed {limit:g} x (|ref| + "
+                        f"{ELEM_FLOOR:g} rms(ref)) (allowed {elem_max_fraction:g})")
     if mr > warn_fraction * limit:
         return "warn", f"max_rel {mr:.3g} > {warn_fraction:g} x limit {limit:g}"
     return "pass", ""

@@ -61,14 +61,21 @@ def summary_line(rep: dict) -> str:
     ts = rep["tensors"]
     n_fail = sum(t["verdict"] == "fail" for t in ts)
     n_warn = sum(t["verdict"] == "warn" for t in ts)
-    outs = [t for t in ts if t["kind"] == "output"]
+    lowp = set((rep.get("stored_lowp") or {}).get("compared", []))
+    outs = [t for t in ts if t["kind"] == "output" and t["name"] not in lowp]
     out_rel = max((t.get("max_rel") or 0.0 for t in outs), default=None)
     fd = rep.get("first_divergence")
+    counts = rep.get("counts", {})
+    unexplained = counts.get("unaligned_unexplained", 0) + counts.get("unaligned_candidate_unexplained", 0)
     parts = [f"{rep['case']}", f"{rep['framework']}/{rep['mode']}/{rep['dtype']}", rep["verdict"].upper(),
              f"{len(ts)} tensors ({n_fail} fail, {n_warn} warn)",
-             f"{len(rep.get('unaligned', []))} unaligned"]
+             f"{len(rep.get('unaligned', []))} unaligned" + (f" ({unexplained} undeclared)" if unexplained else "")]
     if out_rel is not None:
         parts.append(f"output max_rel {_fmt(out_rel)}")
+    if lowp:
+        parts.append(f"stored bf16 outputs: max {_fmt(rep['stored_lowp']['max_ulps'])} ulps")
+    if rep.get("deferred_outputs"):
+        parts.append(f"{len(rep['deferred_outputs'])} bf16 output(s) deferred to a bf16 replay")
     if rep.get("missing_outputs"):
         parts.append("missing outputs: " + ", ".join(rep["missing_outputs"]))
     if rep.get("oracle"):

@@ -21,9 +21,14 @@ TINY = Path(__file__).resolve().parents[1].parent / "shared" / "upstream" / "tin
 # The Hunyuan VAE case costs ~20 s (torch) / ~70 s (MindSpore CPU convolutions) per replay, so the test set runs it
 # in free mode only; CI's suite (`msconv parity suite`) runs it in both modes.
 MMDIT = ["mmdit_tiny", "mmdit_flux_tiny", "mmdit_hc_tiny"]
-RUNS = [(c, m) for c in MMDIT for m in ("free", "teacher")] + [("hunyuan_vae_tiny", "free")]
+RUNS = ([(c, m) for c in MMDIT for m in ("free", "teacher")] + [("hunyuan_vae_tiny", "free")]
+        + [(c, m) for c in ("t5_tiny", "clip_tiny") for m in ("free", "teacher")])
 OUTPUTS = {"mmdit_tiny": {"output"}, "mmdit_flux_tiny": {"output"}, "mmdit_hc_tiny": {"output"},
-           "hunyuan_vae_tiny": {"z", "decoded", "tiling/sptp/dec_tiled", "z_sampled"}}
+           "hunyuan_vae_tiny": {"z", "decoded", "tiling/sptp/dec_tiled", "z_sampled"},
+           "t5_tiny": {"last_hidden_state", "hidden_states.0", "hidden_states.1", "hidden_states.2"},
+           "clip_tiny": {"pooler_output", "last_hidden_state", "hidden_states.2"}}
+# cases that store per-layer outputs instead of hooks (the text encoders: `hidden_states.<i>`)
+NO_HOOKS = {"t5_tiny", "clip_tiny"}
 
 runner = CliRunner()
 
@@ -51,7 +56,11 @@ def test_replay_mindspore_port_passes(case, mode, tmp_path):
     rep = json.loads((tmp_path / "report.json").read_text())
     outs = {t["name"]: t for t in rep["tensors"] if t["kind"] == "output"}
     assert OUTPUTS[case] <= set(outs) and all(outs[k]["max_rel"] <= 1e-4 for k in OUTPUTS[case])
-    assert len([t for t in rep["tensors"] if t["kind"] == "hook"]) > 50
+    if case in NO_HOOKS:   # stored bf16 outputs cannot be computed by MindSpore CPU (fp32): deferred, by name
+        assert rep["deferred_outputs"] and all(n.startswith("bf16/") for n in rep["deferred_outputs"])
+    else:
+        assert len([t for t in rep["tensors"] if t["kind"] == "hook"]) > 50
+    assert rep["counts"]["unaligned_unexplained"] == rep["counts"]["unaligned_candidate_unexplained"] == 0
     from safetensors.numpy import load_file
 
     assert OUTPUTS[case] <= set(load_file(str(out)))

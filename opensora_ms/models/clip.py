@@ -11,8 +11,8 @@ hub config) the pooled row is at `argmax(input_ids)` — the first EOT, the high
 position equal to `eos_token_id` (transformers' rule since PR #24773); both use the first-occurrence argmax.
 
 `encoder` additionally returns every layer's input/output when asked (transformers 4.x's `CLIPEncoder` did;
-transformers 5 collects them with hooks instead), so the root can return `hidden_states` in one graph; those
-extra encoder outputs have no transformers hook and show up as candidate-only captures in a parity report.
+transformers 5 collects them at the root with hooks, which MindSpore graphs do not run), so the root can return
+`hidden_states` in one graph; `mappings/clip_text.yaml`'s `align:` compares them with the root's.
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ from mindspore import Tensor, nn, ops
 
 from opensora_ms.ops import nn as onn
 from opensora_ms.ops import text as otext
+from opensora_ms.ops.device import model_dtype
 
-from .t5 import Embedding, hf_config_fields
+from .t5 import ACTS, Act, Embedding, as_ids, finfo_min, hf_config_fields, inv_count, inv_shape, make_jit, to_numpy
 
-__all__ = ["CLIPTextConfig", "CLIPTextModel", "build", "param_inventory", "run", "pooled_positions"]
+__all__ = ["CLIPTextConfig", "CLIPTextModel", "build", "param_inventory", "infer_config", "run", "pooled_positions"]
 
 
 @dataclass
@@ -50,8 +51,8 @@ class CLIPTextConfig:
     _IGNORED = frozenset({"projection_dim", "attention_dropout", "dropout", "hidden_dropout", "projection_size"})
 
     def __post_init__(self):
-        if self.hidden_act not in _ACTS:
-            raise ValueError(f"CLIPTextConfig: hidden_act {self.hidden_act!r} not supported ({', '.join(_ACTS)})")
+        if self.hidden_act not in ACTS:
+            raise ValueError(f"CLIPTextConfig: hidden_act {self.hidden_act!r} not supported ({', '.join(ACTS)})")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError("CLIPTextConfig: hidden_size must be a multiple of num_attention_heads")
 
@@ -65,25 +66,6 @@ class CLIPTextConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
-
-
-_ACTS = {
-    "quick_gelu": otext.quick_gelu,
-    "gelu": lambda x: onn.gelu(x, "none"),
-    "gelu_new": lambda x: onn.gelu(x, "tanh"),
-    "gelu_pytorch_tanh": lambda x: onn.gelu(x, "tanh"),
-}
-
-_F32_MIN = float(np.finfo(np.float32).min)
-
-
-class Act(nn.Cell):
-    def __init__(self, name):
-        super().__init__()
-        self.fn = _ACTS[name]
-
-    def construct(self, x):
-        return self.fn(x)
 
 
 class CLIPTextEmbeddings(nn.Cell):
@@ -185,8 +167,10 @@ class CLIPTextModel(nn.Cell):
         self.embeddings = CLIPTextEmbeddings(cfg, dtype)
         self.encoder = CLIPEncoder(cfg, dtype)
         self.final_layer_norm = onn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
-        p = cfg.max_position_embeddings
-        self.causal = Tensor(np.triu(np.full((p, p), _F32_MIN, np.float32), 1).reshape(1, 1, p, p))
+        # transformers' causal mask: the dtype's min above the diagonal, in the activations' dtype (every value is
+        # representable in it, so building it in fp32 and casting is exact)
+        p, self.mask_min = cfg.max_position_embeddings, finfo_min(dtype)
+        self.causal = Tensor(np.triu(np.full((p, p), self.mask_min, np.float32), 1).reshape(1, 1, p, p))
 
     def construct(self, input_ids, attention_mask=None, output_hidden_states=False):
         b, n = input_ids.shape
@@ -194,13 +178,13 @@ class CLIPTextModel(nn.Cell):
         mask = self.causal[:, :, :n, :n]
         if attention_mask is not None:   # transformers' causal mask with padding (upstream passes none)
             keep = attention_mask.reshape(b, 1, 1, n) != 0
-            mask = ops.where(keep, mask, ops.full((), _F32_MIN, ms.float32))
+            mask = ops.where(keep, mask, ops.full((), self.mask_min, dtype=ms.float32))
         mask = mask.astype(h.dtype)
         enc = self.encoder(h, mask, output_hidden_states)
         last = self.final_layer_norm(enc["last_hidden_state"])
         idx = pooled_positions(input_ids, self.eos_token_id)
         rows = idx + ops.arange(b, dtype=ms.int32) * n
-        pooled = ops.gather(last.reshape(b * n, -1), rows, 0)
+        pooled = otext.embedding(rows, last.reshape(b * n, -1))   # row gather (any dtype)
         if output_hidden_states:
             return {"last_hidden_state": last, "pooler_output": pooled, "hidden_states": enc["hidden_states"]}
         return {"last_hidden_state": last, "pooler_output": pooled}
@@ -211,8 +195,19 @@ def _cfg(cfg) -> CLIPTextConfig:
     return cfg if isinstance(cfg, CLIPTextConfig) else CLIPTextConfig.from_dict(dict(cfg))
 
 
-def build(cfg, dtype=ms.float32) -> CLIPTextModel:
-    return CLIPTextModel(_cfg(cfg), dtype)
+def build(cfg, dtype=None, init: bool = True) -> CLIPTextModel:
+    """The text model with parameters in `dtype` (default: the op layer's `model_dtype()`: fp32 on CPU, bf16 on
+    Ascend and in CPU-bf16); `init=False` skips the random initialisation (weights are loaded next)."""
+    cfg, dtype = _cfg(cfg), dtype or model_dtype()
+    if init:
+        net = CLIPTextModel(cfg, dtype)
+    else:
+        from mindspore.nn.utils import no_init_parameters
+
+        with no_init_parameters():
+            net = CLIPTextModel(cfg, dtype)
+    net.set_train(False)
+    return net
 
 
 def param_inventory(cfg, dtype: str = "F32") -> dict:
@@ -238,25 +233,24 @@ def param_inventory(cfg, dtype: str = "F32") -> dict:
     return inv
 
 
-_JIT = {}
+def infer_config(inv: dict) -> dict:
+    """A `CLIPTextConfig` dict from the port's parameter shapes (for `converter.targets`). The head count, the
+    activation and the EOS rule have no parameter: heads = hidden / 64 when that divides (openai's CLIP), else 1."""
+    shape = lambda k: inv_shape(inv, k, "clip")  # noqa: E731
+    vocab, d = shape("embeddings.token_embedding.weight")
+    positions = shape("embeddings.position_embedding.weight")[0]
+    layers = inv_count(inv, "encoder.layers")
+    ff = shape("encoder.layers.0.mlp.fc1.weight")[0] if layers else 4 * d
+    return {"vocab_size": vocab, "hidden_size": d, "intermediate_size": ff, "num_hidden_layers": layers,
+            "num_attention_heads": d // 64 if d % 64 == 0 else 1, "max_position_embeddings": positions}
 
 
 def run(model: CLIPTextModel, input_ids, output_hidden_states: bool = True, jit: bool = False) -> dict:
-    """Upstream's call (`HFEmbedder`: input ids only) -> numpy outputs by transformers' names: `last_hidden_state`,
-    `pooler_output`, `hidden_states.<i>`. `jit=True` runs a cached `ms.jit` graph (hooks do not run there)."""
-    ids = Tensor(np.asarray(input_ids, dtype=np.int64))
-    if jit:
-        key = (id(model), bool(output_hidden_states))
-        if key not in _JIT:
-            _JIT[key] = ms.jit(lambda x: model(x, None, output_hidden_states))
-        out = _JIT[key](ids)
-    else:
-        out = model(ids, None, output_hidden_states)
-    res = {"last_hidden_state": _np(out["last_hidden_state"]), "pooler_output": _np(out["pooler_output"])}
+    """Upstream's call (`HFEmbedder`: input ids only) -> numpy float32 outputs by transformers' names:
+    `last_hidden_state`, `pooler_output`, `hidden_states.<i>`. `jit=True` compiles the call first (no hooks)."""
+    ids = as_ids(input_ids)
+    out = make_jit(model, output_hidden_states)(ids) if jit else model(ids, None, output_hidden_states)
+    res = {"last_hidden_state": to_numpy(out["last_hidden_state"]), "pooler_output": to_numpy(out["pooler_output"])}
     for i, h in enumerate(out["hidden_states"] if output_hidden_states else ()):
-        res[f"hidden_states.{i}"] = _np(h)
+        res[f"hidden_states.{i}"] = to_numpy(h)
     return res
-
-
-def _np(t):
-    return (t.astype(ms.float32) if t.dtype in (ms.bfloat16, ms.float16) else t).asnumpy()

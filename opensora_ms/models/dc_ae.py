@@ -26,7 +26,7 @@ from mindspore.common.initializer import initializer
 
 from opensora_ms.configs import DCAEConfig
 from opensora_ms.ops.conv import Conv3d, interpolate_nearest
-from opensora_ms.ops.nn import silu
+from opensora_ms.ops.nn import matmul, relu, silu
 
 __all__ = ["DCAE", "DCAEConfig", "build", "param_inventory", "check_video_shape"]
 
@@ -45,7 +45,7 @@ def _act(name, x):
     if name == "silu":
         return silu(x)
     if name == "relu":
-        return ops.relu(x)
+        return relu(x)
     raise ValueError(f"DC-AE: unsupported activation {name!r}")
 
 
@@ -138,12 +138,12 @@ class LiteMLA(nn.Cell):
         n = t * h * w
         qkv = qkv.reshape(b, -1, 3 * self.dim, n)
         nh = qkv.shape[1]
-        q = ops.relu(qkv[:, :, : self.dim])
-        k = ops.relu(qkv[:, :, self.dim: 2 * self.dim])
+        q = relu(qkv[:, :, : self.dim])
+        k = relu(qkv[:, :, self.dim: 2 * self.dim])
         v = qkv[:, :, 2 * self.dim:]
         v = mint.cat((v, mint.ones((b, nh, 1, n), dtype=v.dtype)), 2)
-        vk = mint.matmul(v, mint.transpose(k, -1, -2))
-        out = mint.matmul(vk, q).astype(ms.float32)
+        vk = matmul(v, mint.transpose(k, -1, -2))  # bf16 matmuls (upstream upcasts fp16 only)
+        out = matmul(vk, q).astype(ms.float32)
         out = out[:, :, :-1] / (out[:, :, -1:] + self.eps)
         return out.reshape(b, -1, t, h, w)
 
@@ -260,7 +260,7 @@ class InterpolateConvUpSampleLayer(nn.Cell):
 
 class ReLU(nn.Cell):
     def construct(self, x):
-        return ops.relu(x)
+        return relu(x)
 
 
 class OpSequential(nn.Cell):
@@ -616,6 +616,101 @@ def param_inventory(cfg) -> dict:
     k += d.out_act is not None
     layer(f"decoder.project_out.op_list.{k}", w[0], d.in_channels, 3, True)
     return inv
+
+
+def infer_config(inv: dict) -> dict:
+    """A `DCAEConfig` dict from the port's parameter names and shapes (for `converter.targets`).
+
+    Inferred: in / out / latent channels and double_latent (stem convs); per stage of each side width_list,
+    depth_list and block_type (ResBlock, EViTS5_GLU with the 5x5x5 aggregation, EViT_GLU); norm ("rms3d", the
+    port's only norm, where norm parameters exist, else None); the stems' out_norm / out_act / shortcut layout
+    (from the op_list index of the conv); down/upsample_match_channel; spatial_compression_ratio
+    (2 ** number of down-sampling stages).
+    Assumed (no parameter carries them): act "silu"; Conv / InterpolateConv resampling with averaging /
+    duplicating shortcuts (the only kinds the port builds); is_video; the temporal down/up-sampling of upstream's
+    F32T4C128 (stages 3 and 4, time_compression_ratio 4), taken only when both sides have its 6 stages -- any
+    other stage count raises MappingError asking for --config FILE.json. Tiling and scaling: DCAEConfig defaults."""
+    from converter.errors import MappingError
+    from opensora_ms.models.t5 import inv_count, inv_shape
+
+    def fail(msg):
+        raise MappingError(f"cannot infer the dc_ae config from the checkpoint: {msg}; pass --config FILE.json "
+                           "(e.g. the case / model config with a 'DCAEConfig' object)")
+
+    def shape(k):  # every shape read is a 3-D conv weight (out, in / groups, k, k, k)
+        s = inv_shape(inv, k, "dc_ae")
+        return s if len(s) == 5 else fail(f"{k!r} has shape {list(s)}, a 3-D conv weight has 5 dims")
+
+    has = lambda p: any(k.startswith(p) for k in inv)  # noqa: E731
+
+    def block(p):
+        """(block type, width) of the block with keys `p.*`."""
+        if has(f"{p}.context_module.") or has(f"{p}.local_module."):
+            bt = "EViTS5_GLU" if has(f"{p}.context_module.main.aggreg.") else "EViT_GLU"
+            return bt, shape(f"{p}.context_module.main.qkv.conv.weight")[1]
+        return "ResBlock", shape(f"{p}.main.conv1.conv.weight")[0]
+
+    def stages(side, first):
+        """Per stage: widths, depths, block types, norms; `first` = index of a stage's first block (the decoder's
+        up-sampler comes first, the encoder's down-sampler last)."""
+        n = inv_count(inv, f"{side}.stages")
+        if not n:
+            fail(f"no '{side}.stages.N.*' key")
+        w, dep, bt, nm = [], [], [], []
+        for i in range(n):
+            p = f"{side}.stages.{i}.op_list"
+            ops = inv_count(inv, p)
+            if not ops:
+                fail(f"stage {side}.stages.{i} has no parameter (a stage of depth 0 has no width to read)")
+            j0 = first if i < n - 1 else 0
+            depth = ops - (1 if i < n - 1 else 0)
+            kinds = [block(f"{p}.{j0 + j}") for j in range(depth)]
+            if len({k for k, _ in kinds}) > 1:
+                fail(f"{p}.* mixes block types {[k for k, _ in kinds]} (one type per stage)")
+            w.append(kinds[0][1] if kinds else fail(f"stage {side}.stages.{i} holds no block"))
+            dep.append(depth)
+            bt.append(kinds[0][0])
+            nm.append("rms3d" if any(k.startswith(f"{side}.stages.{i}.") and ".norm." in k for k in inv) else None)
+        return n, w, dep, bt, nm
+
+    def head(po):
+        """(out_norm, out_act, conv key) of a stem `op_list`: [norm] [ReLU] conv."""
+        k = inv_count(inv, po) - 1
+        norm = "rms3d" if f"{po}.0.weight" in inv or f"{po}.0.bias" in inv else None
+        act = k - (norm is not None)
+        if k < 0 or act not in (0, 1):
+            fail(f"{po}.* is not [norm] [ReLU] conv")
+        return norm, "relu" if act else None, f"{po}.{k}.conv.weight"
+
+    # encoder
+    n, ew, ed, et, en = stages("encoder", 0)
+    short = has("encoder.project_out.main.op_list.")
+    e_norm, e_act, e_conv = head("encoder.project_out.main.op_list" if short else "encoder.project_out.op_list")
+    in_ch = shape("encoder.project_in.conv.weight")[1]
+    down = shape(f"encoder.stages.0.op_list.{ed[0]}.main.conv.weight")[0] if n > 1 else ew[0]
+    # decoder
+    dup = has("decoder.project_in.main.")
+    latent = shape("decoder.project_in.main.conv.weight" if dup else "decoder.project_in.conv.weight")[1]
+    m, dw, dd, dt, dn = stages("decoder", 1)
+    d_norm, d_act, d_conv = head("decoder.project_out.op_list")
+    up = shape("decoder.stages.0.op_list.0.main.conv.conv.weight")[0] if m > 1 else dw[0]
+    if (n, m) != (6, 6):
+        fail(f"temporal down/up-sampling has no parameter and is known only for upstream's 6-stage F32T4C128, "
+             f"this checkpoint has {n} encoder / {m} decoder stages")
+    t4 = [False, False, False, True, True, False]
+    enc = {"in_channels": in_ch, "latent_channels": latent, "width_list": ew, "depth_list": ed, "block_type": et,
+           "norm": en[0] if len(set(en)) == 1 else fail(f"encoder norms differ by stage ({en})"), "act": "silu",
+           "downsample_block_type": "Conv", "downsample_match_channel": n < 2 or down == ew[1],
+           "downsample_shortcut": "averaging", "out_norm": e_norm, "out_act": e_act,
+           "out_shortcut": "averaging" if short else None, "double_latent": shape(e_conv)[0] == 2 * latent,
+           "is_video": True, "temporal_downsample": t4}
+    dec = {"in_channels": shape(d_conv)[0], "latent_channels": latent, "in_shortcut": "duplicating" if dup else None,
+           "width_list": dw, "depth_list": dd, "block_type": dt, "norm": dn[0] if len(set(dn)) == 1 else dn,
+           "act": "silu", "upsample_block_type": "InterpolateConv", "upsample_match_channel": m < 2 or up == dw[0],
+           "upsample_shortcut": "duplicating", "out_norm": d_norm, "out_act": d_act, "is_video": True,
+           "temporal_upsample": t4}
+    return {"in_channels": in_ch, "latent_channels": latent, "time_compression_ratio": 2 ** sum(t4),
+            "spatial_compression_ratio": 2 ** (n - 1), "encoder": enc, "decoder": dec}
 
 
 def build(cfg, **_) -> DCAE:

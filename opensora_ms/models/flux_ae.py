@@ -351,6 +351,38 @@ def param_inventory(cfg) -> dict:
     return inv
 
 
+def infer_config(inv: dict) -> dict:
+    """An `AutoEncoderConfig` dict from the port's parameter shapes (for `converter.targets`).
+
+    Inferred: in_channels, ch, ch_mult (each level's first resnet width / ch), num_res_blocks, z_channels, out_ch.
+    No parameter carries resolution, scale_factor or shift_factor: they are `AutoEncoderConfig`'s defaults
+    (upstream's flux1-dev-ae: 256, 0.3611, 0.1159), so pass --config FILE.json for an AE trained with others."""
+    from converter.errors import MappingError
+    from opensora_ms.models.t5 import inv_count, inv_shape
+
+    def shape(k):  # every shape read is a 2-D conv weight (out, in, k, k)
+        s = inv_shape(inv, k, "flux_ae")
+        if len(s) != 4 or not all(s):
+            raise MappingError(f"cannot infer the flux_ae config: {k!r} has shape {list(s)}, not a 2-D conv weight "
+                               "[out, in, k, k] (pass --config FILE.json)")
+        return s
+
+    ch, in_ch = shape("encoder.conv_in.weight")[:2]
+    n = inv_count(inv, "encoder.down")
+    if not n:
+        raise MappingError("cannot infer the flux_ae config from the checkpoint: no 'encoder.down.N.*' key "
+                           "(pass --config FILE.json)")
+    widths = [shape(f"encoder.down.{i}.block.0.conv1.weight")[0] for i in range(n)]
+    if any(w % ch for w in widths):
+        raise MappingError(f"cannot infer the flux_ae config: level widths {widths} (encoder.down.N.block.0.conv1) "
+                           f"are not multiples of ch {ch} (encoder.conv_in); pass --config FILE.json")
+    d = AutoEncoderConfig()
+    return {"resolution": d.resolution, "in_channels": in_ch, "ch": ch, "out_ch": shape("decoder.conv_out.weight")[0],
+            "ch_mult": [w // ch for w in widths], "num_res_blocks": inv_count(inv, "encoder.down.0.block"),
+            "z_channels": shape("decoder.conv_in.weight")[1], "scale_factor": d.scale_factor,
+            "shift_factor": d.shift_factor}
+
+
 def build(cfg, dtype=ms.float32) -> AutoEncoder:
     """The model at `cfg` (dict or AutoEncoderConfig); fp32 on CPU, bf16 on Ascend."""
     model = AutoEncoder(_cfg(cfg), dtype)

@@ -7,7 +7,8 @@ and `encoder.embed_tokens.weight` (one tensor under two names); the port holds i
 cells: inference only), and each returns what transformers' module returns (tuples included), so parity hooks
 align by path.
 
-Numerics follow transformers: gated-GELU with the tanh approximation (`gelu_new`), bidirectional relative position
+Numerics follow transformers: gated-GELU with NewGELU (`gelu_new`: in bf16 the same chain of rounded ops as torch,
+`ops.text.gelu_new`), bidirectional relative position
 buckets (exact integer table, see `bucket_table`), no 1/sqrt(d) scaling, `T5LayerNorm` (RMS in fp32, cast to the
 weight's dtype when that is half). transformers' `_keep_in_fp32_modules = ["wo"]` applies to float16 only
 (`from_pretrained(torch_dtype=bfloat16)` gives a bf16 `wo`, checked on transformers 5.24, as upstream's bf16 load
@@ -28,8 +29,10 @@ from mindspore.common.initializer import initializer
 
 from opensora_ms.ops import nn as onn
 from opensora_ms.ops import text as otext
+from opensora_ms.ops.device import model_dtype
 
-__all__ = ["T5Config", "T5EncoderModel", "build", "param_inventory", "run", "bucket_table", "hf_config_fields"]
+__all__ = ["T5Config", "T5EncoderModel", "build", "param_inventory", "infer_config", "run", "make_jit", "bucket_table",
+           "hf_config_fields"]
 
 # transformers' generic `PretrainedConfig` fields (5.x and the larger 4.x set that old config.json files carry):
 # bookkeeping, tokenizer ids and generation defaults that do not change the encoder's computation.
@@ -87,8 +90,8 @@ class T5Config:
             self.is_gated_act = parts[0] == "gated"
         if self.dense_act_fn is None:
             self.dense_act_fn = "gelu_new" if self.feed_forward_proj == "gated-gelu" else parts[-1]
-        if self.dense_act_fn not in _ACTS:
-            raise ValueError(f"T5Config: activation {self.dense_act_fn!r} not supported ({', '.join(_ACTS)})")
+        if self.dense_act_fn not in ACTS:
+            raise ValueError(f"T5Config: activation {self.dense_act_fn!r} not supported ({', '.join(ACTS)})")
 
     @classmethod
     def from_dict(cls, d: dict) -> "T5Config":
@@ -102,13 +105,9 @@ class T5Config:
         return self.num_heads * self.d_kv
 
 
-_ACTS = {
-    "gelu_new": lambda x: onn.gelu(x, "tanh"),
-    "gelu_pytorch_tanh": lambda x: onn.gelu(x, "tanh"),
-    "gelu": lambda x: onn.gelu(x, "none"),
-    "relu": lambda x: ops.relu(x),
-    "silu": onn.silu,
-}
+# transformers' ACT2FN names the port runs (`Act` dispatches on them): NewGELU (T5-v1.1's gated-gelu, a chain of ops
+# in bf16), quick-GELU (CLIP), exact GELU, torch's fused tanh GELU, ReLU (original T5), SiLU
+ACTS = ("gelu_new", "quick_gelu", "gelu", "gelu_pytorch_tanh", "relu", "silu")
 
 
 def bucket_table(num_buckets: int, max_distance: int, bidirectional: bool = True) -> np.ndarray:
@@ -161,12 +160,26 @@ class T5LayerNorm(nn.Cell):
 
 
 class Act(nn.Cell):
+    """transformers' `ACT2FN[name]` as a cell (its own hook, as in torch); the name is folded by `ms.jit`."""
+
     def __init__(self, name):
         super().__init__()
-        self.fn = _ACTS[name]
+        if name not in ACTS:
+            raise ValueError(f"activation {name!r} not supported ({', '.join(ACTS)})")
+        self.name = name
 
     def construct(self, x):
-        return self.fn(x)
+        if self.name == "gelu_new":
+            return otext.gelu_new(x)
+        if self.name == "quick_gelu":
+            return otext.quick_gelu(x)
+        if self.name == "gelu":
+            return onn.gelu(x, "none")
+        if self.name == "gelu_pytorch_tanh":
+            return onn.gelu(x, "tanh")
+        if self.name == "relu":
+            return onn.relu(x)
+        return onn.silu(x)
 
 
 def _linear(i, o, dtype):
@@ -298,6 +311,7 @@ class T5Stack(nn.Cell):
         self.block = nn.CellList([T5Block(cfg, i == 0, dtype, wo_dtype) for i in range(cfg.num_layers)])
         self.final_layer_norm = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon, dtype)
         self.dropout = onn.Identity()
+        self.mask_min = finfo_min(dtype)   # transformers' mask value (exact in `dtype`)
 
     def construct(self, input_ids, attention_mask=None, output_hidden_states=False):
         """`hidden_states` as transformers 5 records them: the embeddings, every block's output but the last, and
@@ -306,7 +320,8 @@ class T5Stack(nn.Cell):
         mask = None
         if attention_mask is not None:   # transformers' bidirectional padding mask (upstream passes none)
             keep = attention_mask.reshape(attention_mask.shape[0], 1, 1, -1) != 0
-            mask = ops.where(keep, ops.zeros((), emb.dtype), ops.full((), _finfo_min(emb.dtype), emb.dtype))
+            mask = ops.where(keep, ops.zeros((), ms.float32), ops.full((), self.mask_min, dtype=ms.float32))
+            mask = mask.astype(emb.dtype)
         h = self.dropout(emb)
         states = [h]
         position_bias = None
@@ -320,7 +335,8 @@ class T5Stack(nn.Cell):
         return {"last_hidden_state": h}
 
 
-def _finfo_min(dtype):
+def finfo_min(dtype) -> float:
+    """torch.finfo(dtype).min (transformers' mask value) for the port's float dtypes."""
     return {ms.float32: float(np.finfo(np.float32).min), ms.float16: float(np.finfo(np.float16).min),
             ms.bfloat16: -3.3895313892515355e38}.get(dtype, float(np.finfo(np.float32).min))
 
@@ -346,12 +362,23 @@ def _cfg(cfg) -> T5Config:
     return cfg if isinstance(cfg, T5Config) else T5Config.from_dict(dict(cfg))
 
 
-def build(cfg, dtype=ms.float32) -> T5EncoderModel:
-    """The encoder with parameters in `dtype`; `wo` stays fp32 for float16 only, as transformers'
-    `_keep_in_fp32_modules` does (bf16 loads keep a bf16 `wo`)."""
+def build(cfg, dtype=None, init: bool = True) -> T5EncoderModel:
+    """The encoder with parameters in `dtype` (default: the op layer's `model_dtype()`: fp32 on CPU, bf16 on Ascend
+    and in CPU-bf16, upstream's policy); `wo` stays fp32 for float16 only, as transformers' `_keep_in_fp32_modules`
+    does (bf16 loads keep a bf16 `wo`). `init=False` skips the random initialisation (the weights are loaded next:
+    the XXL encoder's 4.8 B parameters take minutes to draw)."""
     cfg = _cfg(cfg)
+    dtype = dtype or model_dtype()
     wo_dtype = ms.float32 if dtype == ms.float16 else dtype
-    return T5EncoderModel(cfg, dtype, wo_dtype)
+    if init:
+        net = T5EncoderModel(cfg, dtype, wo_dtype)
+    else:
+        from mindspore.nn.utils import no_init_parameters
+
+        with no_init_parameters():
+            net = T5EncoderModel(cfg, dtype, wo_dtype)
+    net.set_train(False)
+    return net
 
 
 def param_inventory(cfg, dtype: str = "F32") -> dict:
@@ -364,7 +391,8 @@ def param_inventory(cfg, dtype: str = "F32") -> dict:
             inv[f"{p}0.SelfAttention.{n}.weight"] = ((c.inner_dim, c.d_model), dtype)
         inv[f"{p}0.SelfAttention.o.weight"] = ((c.d_model, c.inner_dim), dtype)
         if i == 0:
-            inv[f"{p}0.SelfAttention.relative_attention_bias.weight"] = ((c.relative_attention_num_buckets, c.num_heads), dtype)
+            inv[f"{p}0.SelfAttention.relative_attention_bias.weight"] = (
+                (c.relative_attention_num_buckets, c.num_heads), dtype)
         inv[f"{p}0.layer_norm.weight"] = ((c.d_model,), dtype)
         for n in (("wi_0", "wi_1") if c.is_gated_act else ("wi",)):
             inv[f"{p}1.DenseReluDense.{n}.weight"] = ((c.d_ff, c.d_model), dtype)
@@ -374,25 +402,64 @@ def param_inventory(cfg, dtype: str = "F32") -> dict:
     return inv
 
 
-_JIT = {}
+def infer_config(inv: dict) -> dict:
+    """A `T5Config` dict from the port's parameter shapes (for `converter.targets`): every field the inventory
+    depends on. The activation and the maximum distance have no parameter (defaults: gated-GELU / ReLU, 128)."""
+    shape = lambda k: inv_shape(inv, k, "t5")  # noqa: E731
+    vocab, d_model = shape("encoder.embed_tokens.weight")
+    p = "encoder.block.0.layer."
+    inner = shape(p + "0.SelfAttention.q.weight")[0]
+    buckets, heads = shape(p + "0.SelfAttention.relative_attention_bias.weight")
+    gated = p + "1.DenseReluDense.wi_0.weight" in inv
+    d_ff = shape(p + ("1.DenseReluDense.wi_0.weight" if gated else "1.DenseReluDense.wi.weight"))[0]
+    return {"vocab_size": vocab, "d_model": d_model, "d_kv": inner // heads, "d_ff": d_ff,
+            "num_layers": inv_count(inv, "encoder.block"), "num_heads": heads,
+            "relative_attention_num_buckets": buckets, "feed_forward_proj": "gated-gelu" if gated else "relu"}
+
+
+def inv_shape(inv: dict, key: str, model: str) -> tuple:
+    if key not in inv:
+        from converter.errors import MappingError
+
+        raise MappingError(f"cannot infer the {model} config from the checkpoint: {key!r} is absent "
+                           "(pass --config FILE.json, e.g. the model's config.json)")
+    return tuple(int(x) for x in inv[key][0])
+
+
+def inv_count(inv: dict, prefix: str) -> int:
+    """1 + the largest N of `<prefix>.N.*` keys (0 if none)."""
+    nums = [int(k[len(prefix) + 1:].split(".", 1)[0]) for k in inv
+            if k.startswith(prefix + ".") and k[len(prefix) + 1:].split(".", 1)[0].isdigit()]
+    return max(nums) + 1 if nums else 0
+
+
+def as_ids(input_ids) -> Tensor:
+    """Token ids as an int64 Tensor (numpy / lists / Tensors accepted)."""
+    return input_ids if isinstance(input_ids, Tensor) else Tensor(np.asarray(input_ids, dtype=np.int64))
+
+
+def make_jit(model, output_hidden_states: bool = False):
+    """`ids -> model(ids, None, output_hidden_states)` (upstream's call, no attention mask) compiled with `ms.jit`;
+    hooks do not run there. Keep the function: a new function object compiles again."""
+    ohs = bool(output_hidden_states)
+
+    def forward(ids):
+        return model(ids, None, ohs)
+
+    return ms.jit(forward)
 
 
 def run(model: T5EncoderModel, input_ids, output_hidden_states: bool = True, jit: bool = False) -> dict:
-    """Upstream's call (`HFEmbedder`: input ids only, no attention mask) -> numpy outputs by transformers' names:
-    `last_hidden_state`, `hidden_states.<i>`. `jit=True` runs a cached `ms.jit` graph (hooks do not run there)."""
-    ids = Tensor(np.asarray(input_ids, dtype=np.int64))
-    if jit:
-        key = (id(model), bool(output_hidden_states))
-        if key not in _JIT:
-            _JIT[key] = ms.jit(lambda x: model(x, None, output_hidden_states))
-        out = _JIT[key](ids)
-    else:
-        out = model(ids, None, output_hidden_states)
-    res = {"last_hidden_state": _np(out["last_hidden_state"])}
-    for i, h in enumerate(out.get("hidden_states", ()) if output_hidden_states else ()):
-        res[f"hidden_states.{i}"] = _np(h)
+    """Upstream's call (`HFEmbedder`: input ids only, no attention mask) -> numpy float32 outputs by transformers'
+    names: `last_hidden_state`, `hidden_states.<i>`. `jit=True` compiles the call first (no hooks)."""
+    ids = as_ids(input_ids)
+    out = make_jit(model, output_hidden_states)(ids) if jit else model(ids, None, output_hidden_states)
+    res = {"last_hidden_state": to_numpy(out["last_hidden_state"])}
+    for i, h in enumerate(out["hidden_states"] if output_hidden_states else ()):
+        res[f"hidden_states.{i}"] = to_numpy(h)
     return res
 
 
-def _np(t):
+def to_numpy(t) -> np.ndarray:
+    """A Tensor as numpy float32 (bf16 has no numpy dtype; the upcast is exact)."""
     return (t.astype(ms.float32) if t.dtype in (ms.bfloat16, ms.float16) else t).asnumpy()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import sys
 from typing import Callable, Iterable
 
 import numpy as np
@@ -176,3 +177,179 @@ def tiling_input_cases(inputs: dict, kind: str) -> Iterable[str]:
         parts = k.split("/")
         if len(parts) == 3 and parts[0] == "tiling" and parts[2] == kind:
             yield parts[1]
+
+
+# ---------------------------------------------------------------------------------------------- case validation
+# Replay-time checks of a case before anything is built: the config's field types, its size against the memory
+# at hand (a `depth: 1000000000` must not allocate until the machine stops) and the inputs the model needs.
+# Every problem is one CaseError (a UserError: `error: ...`, exit 2) naming the case file and the field or input.
+
+MAX_INT = 2**31 - 1  # no size or count of a real config comes near; beyond it shapes overflow in the frameworks
+REPLAY_COPIES = 4  # fp32 copies of the weights a replay holds at once: case weights, torch model, converted, MindSpore
+
+
+def _port_module(adapter):
+    """`opensora_ms.models.<adapter name>` (its config dataclass and `param_inventory`), or None."""
+    import importlib
+
+    name = getattr(adapter, "__name__", "").rsplit(".", 1)[-1]
+    try:
+        return importlib.import_module(f"opensora_ms.models.{name}")
+    except ImportError:
+        return None
+
+
+def _type_problem(value, annotation: str, where: str, module) -> str | None:
+    """Why `value` does not fit the dataclass field annotation (a string: `int`, `float`, `tuple | None`, ...)."""
+    ann = annotation.replace("typing.", "").replace(" ", "")
+    if ann.startswith("Optional[") and ann.endswith("]"):
+        ann = ann[len("Optional["):-1] + "|None"
+    kinds = ann.split("|")
+    if value is None:
+        return None if "None" in kinds else f"{where} must not be null"
+    kind = kinds[0]
+    if kind == "int" and (type(value) is not int):
+        return f"{where} must be an integer, got {_show(value)}"
+    if kind == "float" and (type(value) not in (int, float) or not math.isfinite(value)):
+        return f"{where} must be a finite number, got {_show(value)}"
+    if kind == "bool" and type(value) is not bool:
+        return f"{where} must be true or false, got {_show(value)}"
+    if kind == "str" and type(value) is not str:
+        return f"{where} must be a string, got {_show(value)}"
+    if kind in ("list", "tuple") and type(value) is not list:
+        return f"{where} must be a list, got {_show(value)}"
+    if kind in ("int", "float") and value < 0:
+        return f"{where} must not be negative, got {value}"
+    if kind == "int" and value > MAX_INT:
+        return f"{where} = {value} is beyond any model (at most {MAX_INT})"
+    if kind == "int" and "heads" in where.rsplit(".", 1)[-1] and value < 1:
+        return f"{where} must be at least 1, got {value}"
+    sub = getattr(module, kind, None)
+    if isinstance(value, dict) and dataclasses.is_dataclass(sub):
+        return _config_problem(value, sub, where, module)
+    if kind in ("list", "tuple"):
+        for i, x in enumerate(value):
+            if type(x) is int and not 0 <= x <= MAX_INT:
+                return f"{where}[{i}] must be in [0, {MAX_INT}], got {x}"
+    return None
+
+
+def _config_problem(cfg: dict, cls, where: str, module) -> str | None:
+    for f in dataclasses.fields(cls):
+        if f.name in cfg and not f.name.startswith("_"):
+            p = _type_problem(cfg[f.name], str(f.type), f"{where}.{f.name}", module)
+            if p:
+                return p
+    return None
+
+
+def _show(v) -> str:
+    from converter.errors import show
+
+    return show(v, 60)
+
+
+def check_case(adapter, case, copies: int = REPLAY_COPIES) -> int | None:
+    """Validate `case` for `adapter` before any model is built; returns the estimated parameter count (None when
+    the adapter has no MindSpore port module to estimate it with). Raises `parity.case.CaseError`."""
+    from converter.targets import CONFIG_ERRORS, inventory_size
+    from parity.case import CaseError
+
+    cfg_file = case.file("config")
+    name = case.config_name
+    cfg = case.model_cfg
+    where = f"{cfg_file}: {name}"
+    mod = _port_module(adapter)
+    params = None
+    if mod is not None and hasattr(mod, "param_inventory"):
+        cls = getattr(mod, name, None)
+        if dataclasses.is_dataclass(cls):
+            p = _config_problem(cfg, cls, name, sys.modules.get(cls.__module__, mod))
+            if p:
+                raise CaseError(f"{cfg_file}: {p}")
+        try:
+            _, params = inventory_size(mod.param_inventory, dict(cfg))
+        except CONFIG_ERRORS as e:
+            raise CaseError(f"{where} cannot be built: {e.__class__.__name__}: {str(e)[:300]}") from None
+        _check_memory(params, copies, where)
+    _check_inputs(case, name, cfg)
+    return params
+
+
+def _check_memory(params: int, copies: int, where: str) -> None:
+    import psutil
+
+    from parity.case import CaseError
+
+    need = params * 4 * copies
+    avail = psutil.virtual_memory().available
+    if need > avail:
+        raise CaseError(f"{where} describes about {params:,} parameters: a replay needs ~{need / 1e9:.1f} GB "
+                        f"({copies} float32 copies), more than the {avail / 1e9:.1f} GB of memory available; "
+                        "refusing to build it")
+
+
+# inputs each kind of case needs: name -> (ndim, config field of the last / channel dim or None)
+def _mmdit_inputs(c: dict) -> dict:
+    n_axes = len(c.get("axes_dim") or [])
+    need = {"img": (3, c.get("in_channels")), "img_ids": (3, n_axes), "txt": (3, c.get("context_in_dim")),
+            "txt_ids": (3, n_axes), "timesteps": (1, None), "y_vec": (2, c.get("vec_in_dim"))}
+    if c.get("cond_embed", False):
+        need["cond"] = (3, (c.get("in_channels") or 0) + c.get("patch_size", 2) ** 2)
+    if c.get("guidance_embed", False):
+        need["guidance"] = (1, None)
+    return need
+
+
+VAE_INPUTS = {"AutoEncoder3DConfig": ((5,), "in_channels", "latent_channels"),
+              "DCAEConfig": ((5,), "in_channels", "latent_channels"),
+              "AutoEncoderConfig": ((4, 5), "in_channels", "z_channels")}  # images, or videos folded into the batch
+
+
+def _check_inputs(case, name: str, cfg: dict) -> None:
+    from converter.safetensors_io import SafetensorsFile
+    from parity.case import CaseError
+
+    f = case.file("inputs")
+    inv = SafetensorsFile(f).inventory()
+
+    def fail(msg):
+        raise CaseError(f"{f}: {msg}")
+
+    def dims(key, ndim, last, axis=-1):
+        shape, ndims = inv[key][0], ndim if isinstance(ndim, tuple) else (ndim,)
+        if len(shape) not in ndims:
+            fail(f"input {key!r} has shape {list(shape)}; {name} needs a {' or '.join(map(str, ndims))}-d tensor")
+        if last is not None and shape[axis] != last:
+            fail(f"input {key!r} has shape {list(shape)}; {name} needs {last} along axis {axis} (from the config)")
+        return shape
+
+    if name == "MMDiTConfig":
+        need = _mmdit_inputs(cfg)
+        absent = [k for k in need if k not in inv]
+        if absent:
+            fail(f"input {absent[0]!r} is missing; {name} needs {', '.join(need)}")
+        s = {k: dims(k, *v) for k, v in need.items()}
+        if len({v[0] for v in s.values()}) != 1:
+            fail(f"inputs disagree on the batch size: {', '.join(f'{k} {list(v)}' for k, v in s.items())}")
+        for a, b in (("img", "img_ids"), ("txt", "txt_ids")) + ((("img", "cond"),) if "cond" in s else ()):
+            if s[a][1] != s[b][1]:
+                fail(f"inputs {a!r} {list(s[a])} and {b!r} {list(s[b])} disagree on the number of tokens")
+    elif name in ("T5Config", "CLIPTextConfig"):
+        if "input_ids" not in inv:
+            fail(f"input 'input_ids' is missing; {name} needs it")
+        dims("input_ids", 2, None)
+        if not inv["input_ids"][1].startswith(("I", "U")):
+            fail(f"input 'input_ids' is {inv['input_ids'][1]}; token ids are integers")
+        ids = SafetensorsFile(f).storage("input_ids")
+        vocab = cfg.get("vocab_size")
+        if ids.size and type(vocab) is int and (ids.min() < 0 or ids.max() >= vocab):
+            fail(f"input 'input_ids' holds ids in [{ids.min()}, {ids.max()}], outside the vocabulary [0, {vocab})")
+    elif name in VAE_INPUTS:
+        ndim, cin, clat = VAE_INPUTS[name]
+        for key in inv:
+            leaf = key.rsplit("/", 1)[-1]
+            if leaf == "x" or leaf.startswith("x_"):
+                dims(key, ndim, cfg.get(cin, 3), axis=1)
+            elif leaf == "z" or leaf.startswith("z_"):
+                dims(key, ndim, cfg.get(clat), axis=1)
