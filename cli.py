@@ -356,13 +356,14 @@ def verify(
                                                                  "(default: the path in msconv-manifest.json)"),
     components: Optional[str] = typer.Option(None, "--components", help="with --parity: comma-separated, of "
                                              "mmdit,vae,dc_ae,t5,clip,flux_ae (default: all in the folder)"),
-    tokens: int = typer.Option(256, "--tokens", help="with --parity: image tokens per block input (text: 1/4)"),
+    tokens: int = typer.Option(256, "--tokens", help="with --parity: MMDiT image tokens per block input (text: "
+                                                     "1/4), T5/CLIP sequence length"),
     only: Optional[str] = typer.Option(None, "--only", help="with --parity: comma-separated globs of block names "
                                                             "(embedders, double_blocks.3, single_blocks.*, ...)"),
     report: Optional[Path] = typer.Option(None, "--report", help="with --parity: report folder (default: "
                                                                  "OUT_DIR's sibling <name>-parity-report)"),
-    parity_config: Optional[Path] = typer.Option(None, "--config", help="with --parity: the model's config JSON, "
-                                                 "when the conversion recorded none (T5/CLIP other than the real ones)"),
+    parity_config: Optional[Path] = typer.Option(None, "--config", help="with --parity: the model's config JSON "
+                                                 "instead of the recorded one (what shapes cannot tell: heads, groups)"),
 ):
     """Re-hash every written file/tensor against msconv-manifest.json and check the headers against the model's
     parameter inventory; with --parity, prove the weights numerically, one block at a time."""
@@ -482,9 +483,11 @@ def generate(
     high_compression: bool = typer.Option(False, "--high-compression", help="the Video DC-AE model pair"),
     out: Path = typer.Option(Path("sample.mp4"), "--out", "-o", help="output .mp4 (PNG when one frame)"),
     device: str = typer.Option("CPU", "--device", help="CPU | Ascend"),
-    dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16 (bf16 on CPU emulates Ascend, PyNative)"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32 | bf16; default fp32 on CPU, bf16 on Ascend "
+                                                              "(bf16 on CPU emulates Ascend's rounding, PyNative)"),
     offload: bool = typer.Option(False, "--offload", help="free the MMDiT before the VAE decode"),
-    vae_tile_size: Optional[int] = typer.Option(None, "--vae-tile-size", help="spatial tile in pixels (default 256)"),
+    vae_tile_size: Optional[int] = typer.Option(None, "--vae-tile-size",
+                                                help="spatial AE tile in pixels, a multiple of 32 (upstream 256)"),
     noise: Optional[Path] = typer.Option(None, "--noise", help="initial noise from a .safetensors/.npy file"),
     text_embeddings: Optional[Path] = typer.Option(None, "--text-embeddings",
                                                    help="safetensors with txt / y_vec (skips T5 and CLIP)"),
@@ -529,7 +532,7 @@ def generate(
                                f"guidance {t['guidance']}")
                 typer.echo(f"memory estimate: text stage {_human(mem['text_stage'])}, denoise stage "
                            f"{_human(mem['denoise_stage'])}; peak {_human(mem['peak_estimate'])} "
-                           f"({device}, {dtype}{', offload' if offload else ''})")
+                           f"({device}, {info['dtype']}{', offload' if offload else ''})")
                 typer.echo(f"weights: {', '.join(f'{k}={v}' for k, v in info['components'].items())}")
                 typer.echo(f"would write {info['out']}")
             return
@@ -583,7 +586,7 @@ def _demo_parity(snapshot: Path, weights: Path, out: Path, step) -> list:
     from converter.sources import load_file
     from parity import engine
     from parity.report import summary_line
-    from tests import synthetic_repo as S
+    from parity import synthetic_repo as S
 
     transformers.logging.set_verbosity_error()
 
@@ -633,16 +636,9 @@ def demo(
     import shutil
     import time
 
-    root = Path(__file__).resolve().parent
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    try:
-        from tests import synthetic_repo
-        from tests.hub_server import HubServer, Repo
-    except ImportError as e:
-        _fail(UserError(f"msconv demo needs the checkout's tests/ folder (install with pip install -e . from a "
-                        f"clone): {e}"))
     from converter import hub
+    from converter.hub_server import HubServer, Repo
+    from parity import synthetic_repo
 
     t0 = time.perf_counter()
 

@@ -45,6 +45,21 @@ class SafetensorsFile:
         raise FormatError(f"{self.path}: {what}")
 
     def _parse(self):
+        raw, n, size = self._read_header()
+        if not raw.lstrip().startswith(b"{"):
+            self._fail("not a safetensors file (header is not a JSON object)")
+        header = self._load_json(raw)
+        if not isinstance(header, dict):
+            self._fail("corrupt header: JSON is not an object")
+        meta = header.pop("__metadata__", {})
+        if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+            self._fail("corrupt header: __metadata__ must map strings to strings")
+        self.metadata = meta
+        spans = self._index_tensors(header, 8 + n, size - 8 - n)
+        self._check_data_covered(spans, size - 8 - n)
+
+    def _read_header(self) -> tuple[bytes, int, int]:
+        """(header bytes, header length, file size) of a regular file whose declared header fits in it."""
         p = self.path
         if not os.path.exists(p):
             raise FormatError(f"{p}: no such file")
@@ -68,21 +83,16 @@ class SafetensorsFile:
             self._fail(f"cannot read: {e.strerror or e}")
         if len(raw) != n:
             self._fail(f"truncated while reading the {n}-byte header")
-        if not raw.lstrip().startswith(b"{"):
-            self._fail("not a safetensors file (header is not a JSON object)")
-        header = self._load_json(raw)
-        if not isinstance(header, dict):
-            self._fail("corrupt header: JSON is not an object")
-        meta = header.pop("__metadata__", {})
-        if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-            self._fail("corrupt header: __metadata__ must map strings to strings")
-        self.metadata = meta
-        base = 8 + n
-        data_len = size - base
+        return raw, n, size
+
+    def _index_tensors(self, header: dict, base: int, data_len: int) -> list:
+        """Check every entry (dtype, shape, byte count, offsets inside the data section) and record it in
+        `self.tensors`; returns the (begin, end, key) spans."""
+        p = self.path
         spans = []
         tensors = self.tensors
         isize = {k: v[0] for k, v in DTYPES.items()}
-        for key, e in header.items():  # one tight pass: a 200k-key header parses in about a second
+        for key, e in header.items():  # one tight pass: a 200k-key header must stay fast (test_hostile_input)
             if type(e) is not dict or len(e) != 3 or "dtype" not in e or "shape" not in e or "data_offsets" not in e:
                 self._fail(f"corrupt header entry for tensor {key!r}: expected dtype, shape, data_offsets")
             dt, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
@@ -105,6 +115,10 @@ class SafetensorsFile:
                 self._fail(f"truncated or corrupt: tensor {key!r} data_offsets {offs} beyond the data section of {data_len} bytes")
             spans.append((b, end, key))
             tensors[key] = TensorInfo(key, dt, tuple(shape), p, base + b, want)
+        return spans
+
+    def _check_data_covered(self, spans: list, data_len: int) -> None:
+        """The tensors tile the data section exactly: no overlap, no gap, no trailing or missing bytes."""
         spans.sort()
         pos = 0
         for b, e, key in spans:

@@ -43,7 +43,9 @@ def _coverage(case: Case, framework: str) -> str | None:
             importlib.import_module("opensora_ms.loading")
             from converter.mapping import find_mapping
 
-            find_mapping(adapter.mapping_name(case.model_cfg))
+            from parity.engine import model_config
+
+            find_mapping(adapter.mapping_name(model_config(adapter, case)))
         except ImportError as e:   # port or loader not there yet
             return f"MindSpore port not available ({type(e).__name__}: {e})"
         except UserError as e:     # no mapping file yet (a mapping that is there but broken fails the run instead)
@@ -56,13 +58,17 @@ def _cell(rep: dict | None, status: str) -> str:
         return status
     lowp = set((rep.get("stored_lowp") or {}).get("compared", []))
     outs = [t.get("max_rel") for t in rep["tensors"]
-            if t["kind"] == "output" and t.get("max_rel") is not None and t["name"] not in lowp]
+            if t["kind"] == "output" and t.get("max_rel") is not None and t["name"] not in lowp
+            and not t.get("criterion")]
     s = rep["verdict"].upper()
     if outs:
         s += f" (out {max(outs):.1e})"
     ratios = [t["oracle"]["ratio"] for t in rep["tensors"] if t.get("oracle") and t["name"] not in lowp]
     if rep.get("verdict_metric") == "oracle_ratio" and ratios:
         s += f" (max oracle ratio {max(ratios):.2f})"
+    levels = [t["max_abs"] for t in rep["tensors"] if t.get("criterion") and t.get("max_abs") is not None]
+    if levels:
+        s += f" (uint8 ±{max(levels):.0f})"
     if lowp:
         s += f" (stored bf16 {rep['stored_lowp']['max_ulps']:.0f} ulp)"
     if rep.get("deferred_outputs"):

@@ -165,6 +165,12 @@ class RunResult:
     module_paths: set[str] | None = None     # torch module paths (torch runs only)
 
 
+def model_config(adapter, case: Case) -> dict:
+    """What the adapter's builders get: the model config (`{ConfigName: {...}}`'s value), or the whole case config
+    for an adapter that builds several models from it (`WHOLE_CASE_CONFIG = True`: the pipeline)."""
+    return case.config if getattr(adapter, "WHOLE_CASE_CONFIG", False) else case.model_cfg
+
+
 def run_config(case: Case, **extra) -> dict:
     """The case config as the adapters' `run_*` get it: plus the names of the outputs the case holds
     (`parity.adapters.base.WANT`), so an adapter skips calls nobody compares."""
@@ -175,7 +181,7 @@ def run_config(case: Case, **extra) -> dict:
 
 def _run_torch(adapter, case: Case, weights, inputs, dtype: str, work: Path, tag: str, filt: ModuleFilter,
                hooks: bool, teacher=None, teacher_dtype: str | None = None) -> RunResult:
-    model = build_torch_loaded(adapter, case.model_cfg, weights, dtype, where=str(case.file("weights")))
+    model = build_torch_loaded(adapter, model_config(adapter, case), weights, dtype, where=str(case.file("weights")))
     with torch_numerics(dtype):
         return _run(model, lambda: adapter.run_torch(model, inputs, run_config(case)), work, tag, filt, hooks,
                     teacher, teacher_dtype=teacher_dtype)
@@ -222,7 +228,7 @@ def _run(model, call, work: Path, tag: str, filt: ModuleFilter, hooks: bool, tea
             sink.abort()
         raise
     reader = sink.reader() if sink else None
-    outputs = {k: np.asarray(v) for k, v in outputs.items()}
+    outputs = {k: _as_numpy(v) for k, v in outputs.items()}
     paths = None
     if "torch" in sys.modules and isinstance(model, sys.modules["torch"].nn.Module):
         paths = {p or ROOT for p, _ in model.named_modules()}
@@ -230,8 +236,17 @@ def _run(model, call, work: Path, tag: str, filt: ModuleFilter, hooks: bool, tea
                      forcer.forced if forcer else [], forcer.missing if forcer else [], paths)
 
 
+def _as_numpy(v) -> np.ndarray:
+    """An output as numpy; low-precision floats numpy has no native type for (MindSpore's bfloat16) widened to
+    float32 exactly."""
+    a = np.asarray(v)
+    if a.dtype.kind == "V" or a.dtype.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
+        return a.astype(np.float32)
+    return a
+
+
 def record_teacher_inputs(adapter, case: Case, weights, inputs, dtype: str, work: Path):
-    model = build_torch_loaded(adapter, case.model_cfg, weights, dtype, where=str(case.file("weights")))
+    model = build_torch_loaded(adapter, model_config(adapter, case), weights, dtype, where=str(case.file("weights")))
     rec = TeacherRecorder(model, adapter.TEACHER_BLOCKS, work / "teacher_inputs.safetensors")
     with rec:
         adapter.run_torch(model, inputs, run_config(case))
@@ -293,7 +308,7 @@ def _build_candidate_ms(adapter, case: Case, weights, opts: ReplayOptions):
     """The port with the (possibly perturbed) case weights. Only a port that is not there at all is "not
     covered"; an ImportError raised inside a port that exists is a bug of the suite (re-raised)."""
     try:
-        return build_ms_loaded(adapter, case.model_cfg, weights)
+        return build_ms_loaded(adapter, model_config(adapter, case), weights)
     except ModuleNotFoundError as e:
         missing = e.name or ""
         if missing.startswith("opensora_ms") and _spec_absent(missing):
@@ -327,6 +342,9 @@ def replay(case_path, opts: ReplayOptions | None = None, **kw) -> dict:
     from parity.adapters.base import check_case
 
     check_case(adapter, case)  # config types, size vs memory, the inputs the model needs: before anything is built
+    if opts.mode == "teacher" and not getattr(adapter, "TEACHER_BLOCKS", None):
+        raise NotCoveredError(f"{case.name}: teacher mode: its adapter declares no blocks to teacher-force "
+                              "(free mode covers it)")
     inputs = case.inputs()
     weights = case.weights_numpy()
     filt = ModuleFilter(opts.include, opts.exclude, opts.max_depth)
@@ -415,7 +433,7 @@ def _declarations(adapter, case: Case) -> list[dict]:
     try:
         from converter.mapping import load_mapping
 
-        align = load_mapping(adapter.mapping_name(case.model_cfg)).align or []
+        align = load_mapping(adapter.mapping_name(model_config(adapter, case))).align or []
     except (ImportError, UserError):
         return []
     return [e for e in align if isinstance(e, dict) and not e.get("torch") and e.get("ms")]
@@ -535,6 +553,8 @@ def _judge_tensor(name, kind, x, expected, torch_names, same_expected, *, th, dt
     by_ratio = use_oracle and dtype in ORACLE_DTYPES
     o_limit = float(tcfg["oracle_ratio"]) if by_ratio else None
     o_warn = float(tcfg["oracle_warn"]) if by_ratio and "oracle_warn" in tcfg else None
+    if not by_ratio and np.issubdtype(np.asarray(expected).dtype, np.integer):
+        return _judge_integer(name, kind, x, expected, tcfg)
     limit = th.limit(torch_names[0] if torch_names else name, kind, dtype)
     m = compare_arrays(x, expected, elem_limit=None if by_ratio else limit)
     row = {"name": name, "kind": kind, **m, "limit": limit}
@@ -558,6 +578,21 @@ def _judge_tensor(name, kind, x, expected, torch_names, same_expected, *, th, dt
         row["score"] = m["max_rel"] / limit if limit else None
     else:
         row["score"] = float("inf")
+    return row
+
+
+def _judge_integer(name, kind, x, expected, tcfg) -> dict:
+    """Integer tensors (uint8 video frames) are quantised: judged by levels, |x − r| ≤ `integer_max_abs` (a relative
+    limit would call one level of 255 a 4e-3 error)."""
+    m = compare_arrays(np.asarray(x).astype(np.int64), np.asarray(expected).astype(np.int64))
+    limit = float(tcfg.get("integer_max_abs", 0))
+    row = {"name": name, "kind": kind, **m, "limit": limit, "criterion": "max_abs (integer levels)"}
+    if m.get("shape_mismatch"):
+        row.update(verdict="fail", reason=f"shape {m['shape']} != reference {m['ref_shape']}", score=float("inf"))
+    elif not m["max_abs"] <= limit:
+        row.update(verdict="fail", reason=f"max_abs {m['max_abs']:g} levels > {limit:g}", score=m["max_abs"] / max(limit, 1))
+    else:
+        row.update(verdict="pass", reason="", score=m["max_abs"] / max(limit, 1))
     return row
 
 
@@ -633,7 +668,7 @@ def _compare(case, opts, th, aligner, cand: RunResult, ref: HookStore, ref_outpu
         judge(name, "output", x, ref_outputs[name], [name], same_outputs.get(name) if same_outputs else None)
 
     leftover = [n for n in ref_hook_names if n not in consumed]
-    module_paths = cand.module_paths or (_torch_module_paths(adapter, case.model_cfg) if leftover else None)
+    module_paths = cand.module_paths or (_torch_module_paths(adapter, model_config(adapter, case)) if leftover else None)
     unaligned, reasons = _unaligned_torch(leftover, module_paths, cand.hooks is not None, filt, aligner)
     unexplained = [n for n in unaligned if n not in reasons]
     unexplained_candidate = [n for n in unaligned_candidate if n not in candidate_reasons]

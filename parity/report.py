@@ -62,7 +62,7 @@ def summary_line(rep: dict) -> str:
     n_fail = sum(t["verdict"] == "fail" for t in ts)
     n_warn = sum(t["verdict"] == "warn" for t in ts)
     lowp = set((rep.get("stored_lowp") or {}).get("compared", []))
-    outs = [t for t in ts if t["kind"] == "output" and t["name"] not in lowp]
+    outs = [t for t in ts if t["kind"] == "output" and t["name"] not in lowp and not t.get("criterion")]
     out_rel = max((t.get("max_rel") or 0.0 for t in outs), default=None)
     fd = rep.get("first_divergence")
     counts = rep.get("counts", {})

@@ -1,5 +1,5 @@
-"""`msconv download-and-convert` with the real huggingface_hub client against a local Hub (tests/hub_server.py)
-serving a tiny repo laid out like hpcai-tech/Open-Sora-v2 (tests/synthetic_repo.py). Every case ends in success
+"""`msconv download-and-convert` with the real huggingface_hub client against a local Hub (converter/hub_server.py)
+serving a tiny repo laid out like hpcai-tech/Open-Sora-v2 (parity/synthetic_repo.py). Every case ends in success
 or one `error:` line with nothing half-written."""
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests import synthetic_repo
-from tests.hub_server import HubServer, Repo
+from parity import synthetic_repo
+from converter.hub_server import HubServer, Repo
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO = synthetic_repo.REPO_ID

@@ -82,6 +82,17 @@ def test_tiny_inventory_matches_built_cells_and_shared_silu():
         assert p in names
 
 
+def test_conv_settings_held_by_the_model():
+    """`build(cfg, conv_settings=...)`: the model and every one of its conv cells hold that one instance."""
+    from opensora_ms.ops.conv import DEFAULT_CONV_SETTINGS, Conv3d, ConvSettings
+
+    cfg = _case_cfg()["AutoEncoder3DConfig"]
+    s = ConvSettings(budget_bytes=1 << 20, jit=False)
+    convs = [c for _, c in M.build(cfg, conv_settings=s).cells_and_names() if isinstance(c, Conv3d)]
+    assert len(convs) > 20 and all(c.conv_settings is s for c in convs)
+    assert M.build(cfg).conv_settings is DEFAULT_CONV_SETTINGS
+
+
 def test_load_strict_rejects_missing_key():
     from opensora_ms.loading import LoadError
 

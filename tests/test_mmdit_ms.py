@@ -121,3 +121,20 @@ def test_timestep_embedding_bf16_rounding():
     assert np.abs(emb.astype(ms.float32).asnumpy() - want).max() <= 4e-3   # bf16 rounding of the result only
     emb32 = M.timestep_embedding(t, ms.float32).asnumpy()
     assert np.abs(emb32[0, :4] - want[0, :4]).max() > 0.1                   # fp32 keeps 996.453
+
+
+def test_jit_forward_lives_on_the_net():
+    """One compiled forward per net, kept by the net itself: a second call returns the same function, another
+    net gets its own, and dropping the net frees it (no module-level cache keeps nets alive)."""
+    import gc
+    import weakref
+
+    cfg = A.PRESETS["tiny"]
+    net, other = A.build_ms(cfg), A.build_ms(cfg)
+    fn = M.jit_forward(net)
+    assert M.jit_forward(net) is fn and net._jit_forward is fn
+    assert M.jit_forward(other) is not fn
+    ref = weakref.ref(net)
+    del net, fn
+    gc.collect()
+    assert ref() is None

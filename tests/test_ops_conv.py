@@ -65,13 +65,9 @@ def test_conv3d_chunked_equals_unchunked():
     x, w, b = Tensor(r(1, 8, 5, 9, 10)), Tensor(r(6, 8, 3, 3, 3)), Tensor(r(6))
     full = oc.conv3d(x, w, b).asnumpy()
     fs = oc.conv3d(x, w, b, (2, 2, 2)).asnumpy()
-    old = oc.get_cpu_conv_budget()
-    try:
-        oc.set_cpu_conv_budget(1)
-        assert rel(oc.conv3d(x, w, b).asnumpy(), full) <= 1e-6
-        assert rel(oc.conv3d(x, w, b, (2, 2, 2)).asnumpy(), fs) <= 1e-6
-    finally:
-        oc.set_cpu_conv_budget(old)
+    tiny = oc.ConvSettings(budget_bytes=1)
+    assert rel(oc.conv3d(x, w, b, settings=tiny).asnumpy(), full) <= 1e-6
+    assert rel(oc.conv3d(x, w, b, (2, 2, 2), settings=tiny).asnumpy(), fs) <= 1e-6
     assert rel(full, ref_conv(x, w, b, 1, 0).asnumpy()) <= 1e-5
 
 
@@ -125,8 +121,8 @@ FUSED_CASES = [
 ]
 
 
-def f_conv_pad(x, w, b, pads, mode):
-    return oc.conv3d(x, w, b, pad=pads, pad_mode=mode)
+def f_conv_pad(x, w, b, pads, mode, settings):
+    return oc.conv3d(x, w, b, pad=pads, pad_mode=mode, settings=settings)
 
 
 @pytest.mark.parametrize("budget", [None, 1])
@@ -137,13 +133,8 @@ def test_conv3d_fused_pad_matches_torch(xs, ws, pads, pad_mode, mode, budget):
     x, w, b = r(*xs), r(*ws), r(ws[0])
     want = F.conv3d(F.pad(torch.from_numpy(x), pads, mode=pad_mode), torch.from_numpy(w), torch.from_numpy(b)).numpy()
     fn = ms.jit(f_conv_pad) if mode == "jit" else f_conv_pad
-    old = oc.get_cpu_conv_budget()
-    try:
-        if budget:
-            oc.set_cpu_conv_budget(budget)
-        got = fn(Tensor(x), Tensor(w), Tensor(b), pads, pad_mode).asnumpy()
-    finally:
-        oc.set_cpu_conv_budget(old)
+    settings = oc.ConvSettings(budget_bytes=budget) if budget else oc.DEFAULT_CONV_SETTINGS
+    got = fn(Tensor(x), Tensor(w), Tensor(b), pads, pad_mode, settings).asnumpy()
     assert got.shape == want.shape
     assert rel(got, want) <= 1e-5
 
@@ -160,11 +151,8 @@ def test_conv3d_fused_without_bias(graphs):
     x, w = r(1, 6, 3, 5, 4), r(4, 6, 3, 3, 3)
     pads = (1, 1, 1, 1, 2, 0)
     want = F.conv3d(F.pad(torch.from_numpy(x), pads, mode="replicate"), torch.from_numpy(w)).numpy()
-    try:
-        oc.set_cpu_conv_jit(graphs)
-        got = oc.conv3d(Tensor(x), Tensor(w), None, pad=pads, pad_mode="replicate").asnumpy()
-    finally:
-        oc.set_cpu_conv_jit("auto")
+    got = oc.conv3d(Tensor(x), Tensor(w), None, pad=pads, pad_mode="replicate",
+                    settings=oc.ConvSettings(jit=graphs)).asnumpy()
     assert rel(got, want) <= 1e-5
 
 
@@ -206,17 +194,13 @@ def test_conv3d_fused_upsample_matches_torch(xs, ws, up, pad_mode, mode, budget)
     xt = torch_causal_upsample(torch.from_numpy(x), up)
     want = F.conv3d(F.pad(xt, pads, mode=pad_mode), torch.from_numpy(w), torch.from_numpy(b)).numpy()
 
+    settings = oc.ConvSettings(budget_bytes=budget) if budget else oc.DEFAULT_CONV_SETTINGS
+
     def f(x_, w_, b_):
-        return oc.conv3d(x_, w_, b_, pad=pads, pad_mode=pad_mode, upsample=up)
+        return oc.conv3d(x_, w_, b_, pad=pads, pad_mode=pad_mode, upsample=up, settings=settings)
 
     fn = ms.jit(f) if mode == "jit" else f
-    old = oc.get_cpu_conv_budget()
-    try:
-        if budget:
-            oc.set_cpu_conv_budget(budget)
-        got = fn(Tensor(x), Tensor(w), Tensor(b)).asnumpy()
-    finally:
-        oc.set_cpu_conv_budget(old)
+    got = fn(Tensor(x), Tensor(w), Tensor(b)).asnumpy()
     assert got.shape == want.shape
     assert rel(got, want) <= 1e-5
     assert np.array_equal(oc.upsample_causal_nearest(Tensor(x), up).asnumpy(), xt.numpy())
@@ -244,12 +228,9 @@ def test_conv3d_groups_matches_torch(xs, ws, stride, padding, groups, mode):
     x, w, b = r(*xs), r(*ws), r(ws[0])
     want = F.conv3d(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b), oc._triple(stride),
                     oc._triple(padding), groups=groups).numpy()
-    oc.set_cpu_conv_jit(mode == "jit")
-    try:
-        got = oc.conv3d(Tensor(x), Tensor(w), Tensor(b), stride, padding, groups=groups).asnumpy()
-        got_nb = oc.conv3d(Tensor(x), Tensor(w), None, stride, padding, groups=groups).asnumpy()
-    finally:
-        oc.set_cpu_conv_jit("auto")
+    settings = oc.ConvSettings(jit=mode == "jit")
+    got = oc.conv3d(Tensor(x), Tensor(w), Tensor(b), stride, padding, groups=groups, settings=settings).asnumpy()
+    got_nb = oc.conv3d(Tensor(x), Tensor(w), None, stride, padding, groups=groups, settings=settings).asnumpy()
     assert got.shape == want.shape
     assert rel(got, want) < 1e-5
     want_nb = F.conv3d(torch.from_numpy(x), torch.from_numpy(w), None, oc._triple(stride), oc._triple(padding),
@@ -270,3 +251,31 @@ def test_conv3d_groups_with_replicate_pad_and_cell():
         oc.Conv3d(6, 8, 3, groups=4)
     with pytest.raises(ValueError):
         oc.conv3d(Tensor(r(1, 6, 2, 3, 3)), Tensor(r(6, 1, 1, 1, 1)), groups=4)
+
+
+def test_conv_settings_are_per_call_and_per_cell(monkeypatch):
+    """The CPU conv's settings are arguments, not module state: two cells with different budgets in one process
+    each slab by their own (counted slab calls), a model hands one instance to every conv cell, bad values raise."""
+    calls = []
+    real = oc._slab_s1
+    monkeypatch.setattr(oc, "_slab_s1", lambda *a: calls.append(1) or real(*a))
+    x = Tensor(r(1, 4, 3, 5, 6))
+    small = oc.Conv3d(4, 4, 3, pad=(1, 1, 1, 1, 2, 0), pad_mode="replicate",
+                      conv_settings=oc.ConvSettings(budget_bytes=1, jit=False))
+    whole = oc.Conv3d(4, 4, 3, pad=(1, 1, 1, 1, 2, 0), pad_mode="replicate", conv_settings=oc.ConvSettings(jit=False))
+    whole.weight.set_data(small.weight.data)
+    a = small(x).asnumpy()
+    n_small = len(calls)
+    b = whole(x).asnumpy()
+    assert n_small == 3 * 5 and len(calls) - n_small == 1  # one slab per output row vs one for the whole conv
+    assert rel(a, b) <= 1e-6
+    assert not any(hasattr(oc, n) for n in ("set_cpu_conv_budget", "set_cpu_conv_jit", "_BUDGET", "_USE_JIT"))
+
+    net = ms.nn.SequentialCell([oc.Conv3d(4, 4, 3), ms.nn.SequentialCell([oc.Conv3d(4, 4, 1)])])
+    s = oc.ConvSettings(budget_bytes=1 << 20, jit=True)
+    oc.apply_conv_settings(net, s)
+    assert net.conv_settings is s and all(c.conv_settings is s for c in (net[0], net[1][0]))
+    with pytest.raises(ValueError, match="jit must be"):
+        oc.ConvSettings(jit="sometimes")
+    with pytest.raises(ValueError, match="budget_bytes"):
+        oc.ConvSettings(budget_bytes=0)

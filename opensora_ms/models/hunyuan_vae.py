@@ -14,8 +14,9 @@ temporal tiled encode/decode with upstream's tile sizes, strides and linear blen
 Execution: by default the encoder and decoder run in PyNative, with each large convolution as a cached per-shape
 graph (the op layer's CPU conv). ``model.set_jit(True)`` runs each of them as one ``ms.jit`` graph instead (one
 compilation per input shape; tiling reuses the shape of a full tile) -- fast on small widths, but at the real
-widths the whole-decoder graph needed more than 24 GB for a (1, 16, 5, 16, 16) latent, so it is opt-in. Hooks only
-fire in PyNative.
+widths the whole-decoder graph keeps every activation buffer and runs out of memory (docs/vae.md), so it is opt-in. Hooks only
+fire in PyNative. ``build(cfg, conv_settings=ConvSettings(...))`` chooses how the CPU convs run (slab memory
+budget, per-slab graphs; ``opensora_ms.ops.conv.ConvSettings``), ``model.conv_settings`` says which.
 
 Tiling knobs (upstream attribute names; see docs/vae.md): ``use_spatial_tiling``, ``use_temporal_tiling``,
 ``tile_sample_min_size`` (pixels, upstream 256), ``tile_latent_min_size`` (= pixels / 8), ``tile_sample_min_tsize``
@@ -31,7 +32,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, mint, nn, ops
 
-from opensora_ms.ops.conv import Conv3d, GroupNorm
+from opensora_ms.ops.conv import DEFAULT_CONV_SETTINGS, Conv3d, ConvSettings, GroupNorm, apply_conv_settings
 from opensora_ms.ops.nn import Identity, Linear, SiLU, attention
 from opensora_ms.configs import AutoEncoder3DConfig, TilingKnobs, sampling_plan
 
@@ -120,11 +121,12 @@ class ResnetBlockCausal3D(nn.Cell):
 
 
 def causal_attention_mask(n_frame: int, n_hw: int, dtype=ms.float32):
-    """(L, L) additive mask: token i sees all tokens of frames <= frame(i) (0), others -inf."""
+    """(L, L) additive mask: token i sees all tokens of frames <= frame(i) (0), others -inf; built in fp32 and cast
+    (exact; the CPU MaskedFill has no bf16 kernel, docs/bf16.md)."""
     frame = ops.arange(0, n_frame * n_hw, 1, dtype=ms.int32) // n_hw
     future = frame.reshape(1, -1) > frame.reshape(-1, 1)
-    zeros = mint.zeros((n_frame * n_hw, n_frame * n_hw), dtype=dtype)
-    return ops.masked_fill(zeros, future, float("-inf"))
+    zeros = mint.zeros((n_frame * n_hw, n_frame * n_hw), dtype=ms.float32)
+    return ops.masked_fill(zeros, future, float("-inf")).astype(dtype)
 
 
 class Attention(nn.Cell):
@@ -352,6 +354,7 @@ class AutoencoderKLCausal3D(nn.Cell, TilingKnobs):
         tile_sample_min_tsize: Optional[int] = None,
         tile_latent_min_tsize: Optional[int] = None,
         jit: bool = False,
+        conv_settings: Optional[ConvSettings] = None,
     ):
         super().__init__()
         cfg = _cfg(config)
@@ -383,6 +386,8 @@ class AutoencoderKLCausal3D(nn.Cell, TilingKnobs):
         self.use_jit = bool(jit)
         self._enc_jit = None
         self._dec_jit = None
+        # how the op layer's CPU convs run (slab budget, per-slab graphs); one instance for every conv cell
+        apply_conv_settings(self, DEFAULT_CONV_SETTINGS if conv_settings is None else conv_settings)
 
     # ---- settings
     def set_jit(self, on: bool = True) -> None:

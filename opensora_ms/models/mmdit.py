@@ -130,7 +130,7 @@ def _split_heads(qkv, num_heads, head_dim):
     """(B, L, 3*H*D) -> q, k, v each (B, H, L, D) (upstream's `B L (K H D) -> K B H L D`).
 
     One permute, then `ops.split` on the leading axis: on MindSpore CPU, indexing `x[0]` of a permuted tensor under
-    jit costs ~5x more than the split."""
+    jit costs several times the split (docs/cpu_kernels.md)."""
     b, l, _ = qkv.shape
     x = qkv.reshape(b, l, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = ops.split(x, 1, 0)
@@ -338,21 +338,18 @@ def param_inventory(cfg, dtype: str = "F32") -> dict:
     return {name: (tuple(int(s) for s in p.shape), dtype) for name, p in net.parameters_and_names()}
 
 
-_JIT_CACHE: dict = {}
-
-
 def jit_forward(net: MMDiTModel):
-    """The net's forward under `ms.jit`, created once per net and cached (jit recompiles for new function objects)."""
-    key = id(net)
-    hit = _JIT_CACHE.get(key)
-    if hit is not None and hit[0] is net:
-        return hit[1]
+    """The net's forward under `ms.jit`, created on first use and kept on the net (`net._jit_forward`): jit
+    compiles once per function object, so every caller must get the same one for as long as the net lives."""
+    fn = net.__dict__.get("_jit_forward")
+    if fn is not None:
+        return fn
 
     def forward(img, img_ids, txt, txt_ids, timesteps, y_vec, cond=None, guidance=None):
         return net(img, img_ids, txt, txt_ids, timesteps, y_vec, cond, guidance)
 
     fn = ms.jit(forward)
-    _JIT_CACHE[key] = (net, fn)
+    net._jit_forward = fn
     return fn
 
 

@@ -1,16 +1,17 @@
 """Convolution, padding, nearest interpolation and group norm for the op layer, plus torch-named cells.
 
-CPU (fp32) notes — why this file exists (see ../shared/notes/mindspore-cpu.md §0.5, §5; measurements in docs/vae.md):
+CPU (fp32) notes — why this file exists (see ../shared/notes/mindspore-cpu.md §0.5, §5; the measurements behind
+each choice are in docs/cpu_kernels.md, the conv's speed and memory in docs/vae.md):
 
-* MindSpore 2.10's CPU ``Conv3D`` runs oneDNN's reference kernel on plain NCDHW layouts and is ~100x slower than
-  torch; its GEMM (``MatMul`` inside an ``ms.jit`` graph) runs at ~400 GFLOP/s, torch's direct conv at ~450.
+* MindSpore 2.10's CPU ``Conv3D`` runs oneDNN's reference kernel on plain NCDHW layouts, orders of magnitude slower
+  than torch; its GEMM (``MatMul`` inside an ``ms.jit`` graph) runs close to torch's direct conv.
   ``conv3d`` here is GEMMs over **slabs** of output frames (and rows, when one frame exceeds
-  ``set_cpu_conv_budget`` bytes, default 512 MiB: the extra memory of one slab):
+  ``ConvSettings.budget_bytes``, default 512 MiB: the extra memory of one slab):
 
   - **stride 1** (every conv of the VAE decoder): each slab *gathers* its own padded input rows from the unpadded
     input (int32 row indices: clamped indices are replicate padding, repeated ones nearest upsampling in T and H),
-    so neither the padded nor the upsampled tensor is ever materialised (``ops.pad`` costs ~15 copies, a
-    PyNative slice is a view whose later copy is ~20x slower than a graph's). The slab is flattened over
+    so neither the padded nor the upsampled tensor is ever materialised (``ops.pad`` copies its input many
+    times, a PyNative slice is a view whose later copy is far slower than a graph's). The slab is flattened over
     (T, H, W); tap (a, b, c) of output position p reads position p + a*S + b*Wp + c, a *contiguous* window. The
     (T, W) windows are stacked as im2col columns (K = kt*kw*C_in) and one GEMM yields kh partial outputs that
     are summed shifted by b*Wp (3x fewer columns than full im2col, no halo frames in the GEMM). For few output
@@ -18,7 +19,7 @@ CPU (fp32) notes — why this file exists (see ../shared/notes/mindspore-cpu.md 
   - **stride > 1**: kt*kh*kw strided slices of the slab are concatenated -> one GEMM.
   - **1 x 1 x 1**: a single matmul.
 
-  Slabs of equal shape share one cached ``ms.jit`` graph (``set_cpu_conv_jit``: graphs for convs >= 5e8 FLOPs,
+  Slabs of equal shape share one cached ``ms.jit`` graph (``ConvSettings.jit``: graphs for convs >= 5e8 FLOPs,
   op-by-op PyNative below, where compiling would cost more than it saves). A compiled graph keeps its
   intermediate buffers, so the graphs' memory grows with the number of distinct slab shapes (docs/vae.md). All
   paths match torch / ``ops.conv3d`` to ~1e-6 relative in fp32 (tests/test_ops_conv.py).
@@ -30,16 +31,24 @@ CPU (fp32) notes — why this file exists (see ../shared/notes/mindspore-cpu.md 
 
 Ascend (bf16; **not verified on hardware**): ``mint.nn.functional.conv3d`` / ``pad`` / ``group_norm``, with the
 upsampling and padding applied before the conv.
+
+CPU-bf16 (docs/bf16.md): ``conv3d``, ``pad`` and ``group_norm`` of a bf16 input run their CPU fp32 path on fp32
+copies and round the output to bf16 (one rounding per Ascend kernel; padding and upsampling are exact, so fusing
+them changes nothing); group norm with ``device.ISLANDS.norm_stats`` off runs as a chain of bf16-rounded ops.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, mint, nn, ops
 from mindspore.common.initializer import initializer
 
-from .device import IS_CPU
+from . import device as _D
+from .bf16 import emulate, f32, is_low, rnd
+from .device import BF16_EMU, IS_CPU
 
 __all__ = [
     "conv3d",
@@ -47,38 +56,56 @@ __all__ = [
     "interpolate_nearest",
     "upsample_causal_nearest",
     "group_norm",
-    "set_cpu_conv_budget",
-    "set_cpu_conv_jit",
-    "get_cpu_conv_budget",
+    "ConvSettings",
+    "DEFAULT_CONV_SETTINGS",
+    "apply_conv_settings",
     "Conv3d",
     "GroupNorm",
 ]
 
-_BUDGET = [512 * 1024**2]  # bytes of one conv slab's buffers (CPU path)
-_USE_JIT = ["auto"]  # CPU conv3d as a cached per-shape ms.jit graph: True / False / "auto" (by work size)
-_JIT_MIN_FLOPS = [5e8]
+
+@dataclass(frozen=True)
+class ConvSettings:
+    """How the CPU conv3d runs (Ascend ignores it); a model holds one (``model.conv_settings``, set on each of its
+    ``Conv3d`` / ``Conv2d`` cells by ``apply_conv_settings``), a functional call takes one as ``settings=``.
+
+    * ``budget_bytes``: what one slab may hold (padded copies, columns, GEMM output); bounds a conv's extra memory.
+      Larger slabs are faster (fewer, bigger GEMMs) and each cached slab graph keeps about this much.
+    * ``jit``: ``True`` = every slab as a per-shape ``ms.jit`` graph (compiled once per slab shape, then faster than
+      op by op for large inputs), ``False`` = op by op, ``"auto"`` = a graph only when the conv costs >=
+      ``jit_min_flops``, so small layers (tests, tiny configs) never pay a compilation.
+
+    A whole-model graph (``set_jit(True)``) keeps the settings it was compiled with: choose them before it runs."""
+
+    budget_bytes: int = 512 * 1024**2
+    jit: bool | str = "auto"
+    jit_min_flops: float = 5e8
+
+    def __post_init__(self):
+        if self.jit not in (True, False, "auto"):
+            raise ValueError(f"ConvSettings: jit must be True, False or 'auto', got {self.jit!r}")
+        if int(self.budget_bytes) < 1:
+            raise ValueError(f"ConvSettings: budget_bytes must be >= 1, got {self.budget_bytes!r}")
+        object.__setattr__(self, "budget_bytes", int(self.budget_bytes))  # slab counts are integer divisions
+        object.__setattr__(self, "jit_min_flops", float(self.jit_min_flops))
+
+    def use_jit(self, flops: float) -> bool:
+        """Whether a conv costing `flops` (2 x its multiply-adds) runs as cached slab graphs."""
+        return flops >= self.jit_min_flops if self.jit == "auto" else bool(self.jit)
 
 
-def set_cpu_conv_jit(mode="auto", min_flops: float | None = None) -> None:
-    """How the CPU conv3d runs when called from PyNative: ``True`` = always as a per-shape ``ms.jit`` graph
-    (compiled once per slab shape, ~0.5-1 s each, then faster than op-by-op for large inputs),
-    ``False`` = op by op, ``"auto"`` (default) = graph only when the conv costs >= ``min_flops`` (default 5e8),
-    so small layers (tests, tiny configs) never pay a compilation."""
-    if mode not in (True, False, "auto"):
-        raise ValueError(f"set_cpu_conv_jit: mode must be True, False or 'auto', got {mode!r}")
-    _USE_JIT[0] = mode
-    if min_flops is not None:
-        _JIT_MIN_FLOPS[0] = float(min_flops)
+DEFAULT_CONV_SETTINGS = ConvSettings()  # what every conv uses unless a model or a call gives its own
 
 
-def set_cpu_conv_budget(nbytes: int) -> None:
-    """Bytes one slab of the CPU conv3d may hold (padded copies, columns, GEMM output): bounds a conv's extra
-    memory; larger slabs are faster (fewer, bigger GEMMs) and each cached slab graph keeps about this much."""
-    _BUDGET[0] = int(max(nbytes, 1))
-
-
-def get_cpu_conv_budget() -> int:
-    return _BUDGET[0]
+def apply_conv_settings(net, settings: ConvSettings) -> None:
+    """Give every conv cell of `net` (``Conv3d``, ``Conv2d``; `net` itself included) these settings, and record them
+    on `net` as ``net.conv_settings``."""
+    if not isinstance(settings, ConvSettings):
+        raise TypeError(f"apply_conv_settings: expected ConvSettings, got {type(settings).__name__}")
+    for _, cell in net.cells_and_names():
+        if "conv_settings" in cell.__dict__:
+            cell.conv_settings = settings
+    net.conv_settings = settings
 
 
 def _triple(v):
@@ -117,7 +144,7 @@ def _edge(x, axis, start, count, mode, value):
 
 
 def _pad_axis(x, axis, before, after, mode, value=0.0):
-    """Pad one axis by one concatenation (a single copy of x; ``ops.pad`` costs ~15 copies on CPU)."""
+    """Pad one axis by one concatenation (a single copy of x; ``ops.pad`` makes many on CPU)."""
     if before == 0 and after == 0:
         return x
     parts = []
@@ -139,6 +166,8 @@ def pad(x, pads, mode="constant", value=0.0):
     """torch.nn.functional.pad: `pads` from the last axis backwards ((W_l, W_r, H_t, H_b, T_f, T_b) for 5-D).
     CPU: "constant" and "replicate" are one concatenation per padded axis; other modes use ``ops.pad``."""
     pads = tuple(int(p) for p in pads)
+    if BF16_EMU and is_low(x):  # exact; the CPU pad builds its edges with fill/gather (no bf16 kernels)
+        return pad(f32(x), pads, mode, value).astype(x.dtype)
     if IS_CPU:
         if mode in ("constant", "replicate") and min(pads) >= 0:
             return _pad_cpu(x, pads, mode, value)
@@ -185,7 +214,28 @@ def upsample_causal_nearest(x, factor):
 
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
+    """torch.nn.functional.group_norm: statistics in fp32 (inside the kernel), output in x's dtype."""
+    if BF16_EMU and is_low(x):
+        if not _D.ISLANDS.norm_stats:
+            return _group_norm_bf16_chain(x, num_groups, weight, bias, eps)
+        return emulate(mint.nn.functional.group_norm, x, num_groups, weight, bias, eps)
     return mint.nn.functional.group_norm(x, num_groups, weight, bias, eps)
+
+
+def _group_norm_bf16_chain(x, num_groups, weight, bias, eps):
+    """Group norm with its statistics island flipped to bf16: mean, deviation, variance, rstd each rounded."""
+    shp = x.shape
+    xg = f32(x).reshape(shp[0], num_groups, -1)
+    mu = rnd(xg.mean(-1, keep_dims=True))
+    d = rnd(xg - mu)
+    var = rnd(rnd(d * d).mean(-1, keep_dims=True))
+    y = rnd(d * rnd(ops.rsqrt(var + eps))).reshape(shp)
+    cshape = (1, shp[1]) + (1,) * (len(shp) - 2)
+    if weight is not None:
+        y = rnd(y * f32(weight).reshape(cshape))
+    if bias is not None:
+        y = rnd(y + f32(bias).reshape(cshape))
+    return y.astype(x.dtype)
 
 
 
@@ -224,7 +274,7 @@ def _s1_weight(weight, full):
     return weight.transpose(3, 0, 2, 4, 1).reshape(kh * co, kt * kw * ci)
 
 
-_s1_weight_jit = ms.jit(_s1_weight)  # PyNative's transpose of a 512-channel weight takes ~75 ms, a graph's ~10 ms
+_s1_weight_jit = ms.jit(_s1_weight)  # a graph's transpose is several times faster than PyNative's on big weights
 
 
 def _slab_s1(x, rows, hp, wz, bias, wpad, fw, k, full):
@@ -438,8 +488,8 @@ def _conv3d_cpu(x, weight, bias, stride, pads, mode, up, budget, use_jit):
 
 def _conv_depthwise(x, weight, bias, stride):
     """Depthwise valid conv of a padded (B, C, Tp, Hp, Wp) input, weight (C, 1, kt, kh, kw): MindSpore's own
-    grouped ``Conv3D`` (oneDNN has a depthwise kernel: ~10x torch's time, where a tap-sum of shifted products is
-    ~5x slower again in a graph and ~100x op by op, and im2col costs k^3 times the input)."""
+    grouped ``Conv3D``: oneDNN has a depthwise kernel, slower than torch's but faster than a tap-sum of shifted
+    products (in a graph or op by op), and im2col would cost k^3 times the input (docs/cpu_kernels.md)."""
     y = ops.conv3d(x, weight, None, stride=stride, pad_mode="pad", padding=0, groups=x.shape[1])
     if bias is not None:
         y = y + bias.reshape(1, -1, 1, 1, 1)
@@ -469,7 +519,7 @@ def _conv_1x1_grouped(x, weight, bias, groups):
 _conv_1x1_grouped_jit = ms.jit(_conv_1x1_grouped)
 
 
-def _conv3d_grouped_cpu(x, weight, bias, stride, pads, pad_mode, extra, up, groups):
+def _conv3d_grouped_cpu(x, weight, bias, stride, pads, pad_mode, extra, up, groups, settings):
     co, cig, kt, kh, kw = weight.shape
     ci = x.shape[1]
     if ci != cig * groups or co % groups:
@@ -484,10 +534,8 @@ def _conv3d_grouped_cpu(x, weight, bias, stride, pads, pad_mode, extra, up, grou
         pads = extra
     if any(pads):
         x = _pad_cpu(x, pads, "constant")
-    use = _USE_JIT[0]
-    if use == "auto":
-        n = x.shape[0] * x.shape[2] * x.shape[3] * x.shape[4]
-        use = 2.0 * co * cig * kt * kh * kw * n >= _JIT_MIN_FLOPS[0] / 8
+    n = x.shape[0] * x.shape[2] * x.shape[3] * x.shape[4]
+    use = settings.use_jit(8 * 2.0 * co * cig * kt * kh * kw * n)  # grouped: graphs from 1/8 of the threshold
     if kt * kh * kw == 1:
         if stride != (1, 1, 1):
             x = _strided(x, (0, 0, 0, 0, 0), tuple(x.shape), (1, 1) + stride)
@@ -500,18 +548,23 @@ def _conv3d_grouped_cpu(x, weight, bias, stride, pads, pad_mode, extra, up, grou
         xg = _slice(x, (0, g * step_i, 0, 0, 0), (x.shape[0], step_i) + tuple(x.shape[2:]))
         wg = _slice(weight, (g * step_o, 0, 0, 0, 0), (step_o, cig, kt, kh, kw))
         bg = None if bias is None else _slice(bias, (g * step_o,), (step_o,))
-        outs.append(_conv3d_cpu(xg, wg, bg, stride, (0,) * 6, "constant", (1, 1, 1), _BUDGET[0], bool(use)))
+        outs.append(_conv3d_cpu(xg, wg, bg, stride, (0,) * 6, "constant", (1, 1, 1), settings.budget_bytes, use))
     return ops.concat(outs, 1)
 
 
-def conv3d(x, weight, bias=None, stride=1, padding=0, pad=None, pad_mode="constant", upsample=None, groups=1):
+def conv3d(x, weight, bias=None, stride=1, padding=0, pad=None, pad_mode="constant", upsample=None, groups=1,
+           settings: ConvSettings | None = None):
     """torch.nn.functional.conv3d (dilation 1, zero `padding`), NCDHW, weight (C_out, C_in, kt, kh, kw),
     of `x` first upsampled by `upsample` (ft, fh, fw; see `upsample_causal_nearest`), then padded by `pad` (F.pad
     order: (W_l, W_r, H_t, H_b, T_f, T_b)) in `pad_mode` ("constant" or "replicate"). On CPU the stride-1 path
     builds each slab's upsampled, padded input itself: neither is ever materialised.
     `groups` as torch (weight (C_out, C_in / groups, ...)); CPU: depthwise (groups = C_in = C_out) through
     MindSpore's grouped kernel, 1x1x1 as one batched GEMM over the groups, anything else group by group through the
-    fast paths above."""
+    fast paths above. `settings`: how the CPU path runs (`ConvSettings`; None = `DEFAULT_CONV_SETTINGS`)."""
+    if BF16_EMU and is_low(x):  # one Ascend conv kernel: fp32 accumulation, bf16 out
+        return conv3d(f32(x), f32(weight), f32(bias), stride, padding, pad, pad_mode, upsample, groups,
+                      settings).astype(x.dtype)
+    settings = DEFAULT_CONV_SETTINGS if settings is None else settings
     groups = int(groups)
     up = _triple(upsample) if upsample is not None else (1, 1, 1)
     stride = _triple(stride)
@@ -529,7 +582,7 @@ def conv3d(x, weight, bias=None, stride=1, padding=0, pad=None, pad_mode="consta
             x = mint.nn.functional.pad(x, pads, mode=pad_mode)
         return mint.nn.functional.conv3d(x, weight, bias, stride, padding, 1, groups)
     if groups != 1:
-        return _conv3d_grouped_cpu(x, weight, bias, stride, pads, pad_mode, extra, up, groups)
+        return _conv3d_grouped_cpu(x, weight, bias, stride, pads, pad_mode, extra, up, groups, settings)
     if any(extra):
         if pad_mode == "constant" or not any(pads):
             pads, pad_mode = tuple(p + e for p, e in zip(pads, extra)), "constant"
@@ -537,12 +590,10 @@ def conv3d(x, weight, bias=None, stride=1, padding=0, pad=None, pad_mode="consta
             if up != (1, 1, 1):
                 x, up = upsample_causal_nearest(x, up), (1, 1, 1)
             x, pads, pad_mode = _pad_cpu(x, pads, pad_mode), extra, "constant"
-    use = _USE_JIT[0]
-    if use == "auto":
-        co, ci, kt, kh, kw = weight.shape
-        n = x.shape[0] * x.shape[2] * x.shape[3] * x.shape[4] * up[0] * up[1] * up[2]  # ~ output positions
-        use = 2.0 * co * ci * kt * kh * kw * n >= _JIT_MIN_FLOPS[0]
-    return _conv3d_cpu(x, weight, bias, stride, pads, pad_mode, up, _BUDGET[0], bool(use))
+    co, ci, kt, kh, kw = weight.shape
+    n = x.shape[0] * x.shape[2] * x.shape[3] * x.shape[4] * up[0] * up[1] * up[2]  # ~ output positions
+    use = settings.use_jit(2.0 * co * ci * kt * kh * kw * n)
+    return _conv3d_cpu(x, weight, bias, stride, pads, pad_mode, up, settings.budget_bytes, use)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -553,11 +604,13 @@ def conv3d(x, weight, bias=None, stride=1, padding=0, pad=None, pad_mode="consta
 class Conv3d(nn.Cell):
     """torch.nn.Conv3d (zero padding): `weight` (C_out, C_in / groups, kt, kh, kw), `bias` (C_out).
     `upsample`, `pad` / `pad_mode`: a causal nearest upsampling and an F.pad the cell applies to its input first (see
-    `conv3d`); torch does both outside the conv, here the CPU kernel fuses them. The output is the same."""
+    `conv3d`); torch does both outside the conv, here the CPU kernel fuses them. The output is the same.
+    `conv_settings`: how the CPU conv runs (`ConvSettings`; models set it with `apply_conv_settings`)."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True, dtype=ms.float32,
-                 pad=None, pad_mode="constant", upsample=None, groups=1):
+                 pad=None, pad_mode="constant", upsample=None, groups=1, conv_settings: ConvSettings | None = None):
         super().__init__()
+        self.conv_settings = DEFAULT_CONV_SETTINGS if conv_settings is None else conv_settings
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"Conv3d: groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
         self.groups = int(groups)
@@ -574,7 +627,7 @@ class Conv3d(nn.Cell):
 
     def construct(self, x):
         return conv3d(x, self.weight, self.bias, self.stride, self.padding, self.pad, self.pad_mode, self.upsample,
-                      self.groups)
+                      self.groups, self.conv_settings)
 
 
 class GroupNorm(nn.Cell):

@@ -16,6 +16,11 @@ Layouts and conventions (shared by every model in the project):
 
 Numerics: RMSNorm is computed in fp32 "llama" style (normalised value cast back to the input dtype before the
 scale multiply); LayerNorm statistics in fp32; RoPE in fp32 and cast back; attention softmax in fp32 on CPU.
+
+CPU-bf16 (`device.BF16_EMU`, docs/bf16.md): every op whose Ascend kernel takes/returns bf16 runs the CPU fp32 kernel
+on fp32 copies of its bf16 inputs and rounds its output to bf16 (`bf16.emulate`); multi-kernel Ascend branches
+(attention with a mask) run as written with `matmul` emulated. The fp32 islands stay fp32; one flipped off in
+`device.ISLANDS` runs as a chain of bf16-rounded ops (`_*_bf16_chain`).
 """
 
 from __future__ import annotations
@@ -27,10 +32,15 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, mint, nn, ops
 from mindspore.common.initializer import initializer
 
-from .device import IS_CPU
+from . import device as _D
+from .bf16 import emulate, f32, is_low, rnd
+from .device import BF16_EMU, IS_CPU
 
 __all__ = [
     "linear",
+    "matmul",
+    "relu",
+    "sigmoid",
     "silu",
     "gelu",
     "layer_norm",
@@ -64,11 +74,34 @@ _bmm_nn = ops.BatchMatMul()
 
 def linear(x, weight, bias=None):
     """torch.nn.functional.linear: x @ weight.T + bias; weight is [out, in]."""
+    if BF16_EMU:
+        return emulate(mint.nn.functional.linear, x, weight, bias)
     return mint.nn.functional.linear(x, weight, bias)
 
 
+def matmul(a, b):
+    """torch.matmul (batched, broadcasting); bf16 in -> fp32 accumulation -> bf16 out on Ascend and in CPU-bf16."""
+    if BF16_EMU:
+        return emulate(mint.matmul, a, b)
+    return mint.matmul(a, b)
+
+
 def silu(x):
+    if BF16_EMU:
+        return emulate(mint.nn.functional.silu, x)
     return mint.nn.functional.silu(x)
+
+
+def relu(x):
+    if BF16_EMU:
+        return emulate(ops.relu, x)
+    return ops.relu(x)
+
+
+def sigmoid(x):
+    if BF16_EMU:
+        return emulate(ops.sigmoid, x)
+    return ops.sigmoid(x)
 
 
 _GELU_K = 2.0 * math.sqrt(2.0 / math.pi)
@@ -79,20 +112,30 @@ def gelu(x, approximate="none"):
     """GELU; `approximate` is "none" (erf, torch's default) or "tanh".
 
     CPU tanh form: 0.5*x*(1 + tanh(u)) == x * sigmoid(2u), u = sqrt(2/pi)*(x + 0.044715 x^3). MindSpore's CPU
-    `GeLU` kernel is slow (22 ms on 1152x2048 against 3 ms for this form) and its `tanh` loses ~1e-4; the sigmoid
-    form is exact to 1e-7.
+    `GeLU` kernel is several times slower than this form (docs/cpu_kernels.md) and its `tanh` loses ~1e-4; the
+    sigmoid form is exact to 1e-7.
     """
+    if BF16_EMU:
+        return emulate(_gelu_cpu, x, approximate)
     if IS_CPU:
-        if approximate == "tanh":
-            return x * ops.sigmoid(x * (_GELU_K + _GELU_K3 * (x * x)))
-        return ops.gelu(x, approximate="none")
+        return _gelu_cpu(x, approximate)
     return mint.nn.functional.gelu(x, approximate=approximate)
+
+
+def _gelu_cpu(x, approximate):
+    if approximate == "tanh":
+        return x * ops.sigmoid(x * (_GELU_K + _GELU_K3 * (x * x)))
+    return ops.gelu(x, approximate="none")
 
 
 def layer_norm(x, weight=None, bias=None, eps=1e-6):
     """LayerNorm over the last axis (torch semantics: biased variance), statistics in fp32, result in x's dtype.
 
-    CPU: the fused `ops.LayerNorm` primitive (fp32; 3x faster than mean/var in separate kernels, 2e-7 from torch)."""
+    CPU: the fused `ops.LayerNorm` primitive (fp32; faster than mean/var in separate kernels, 2e-7 from torch)."""
+    if BF16_EMU and is_low(x):
+        if not _D.ISLANDS.norm_stats:
+            return _layer_norm_bf16_chain(x, weight, bias, eps)
+        return emulate(layer_norm, x, weight, bias, eps)
     if IS_CPU:
         c = x.shape[-1]
         g = weight if weight is not None else mint.ones((c,), dtype=x.dtype)
@@ -101,10 +144,26 @@ def layer_norm(x, weight=None, bias=None, eps=1e-6):
     return mint.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
+def _layer_norm_bf16_chain(x, weight, bias, eps):
+    """LayerNorm with its statistics island flipped to bf16: mean, deviation, variance, rstd each rounded."""
+    xf = f32(x)
+    mu = rnd(xf.mean(-1, keep_dims=True))
+    d = rnd(xf - mu)
+    var = rnd(rnd(d * d).mean(-1, keep_dims=True))
+    y = rnd(d * rnd(ops.rsqrt(var + eps)))
+    if weight is not None:
+        y = rnd(y * f32(weight))
+    if bias is not None:
+        y = rnd(y + f32(bias))
+    return y.astype(x.dtype)
+
+
 def rms_norm(x, weight=None, eps=1e-6):
     """RMSNorm over the last axis, liger/HF "llama" casting: y = (x_f32 * rsqrt(mean(x_f32^2) + eps)).to(x.dtype) * w.
 
-    CPU: the mean of squares is a matmul with a constant 1/D column (2x faster than ReduceMean over short rows)."""
+    CPU: the mean of squares is a matmul with a constant 1/D column (faster than ReduceMean over short rows)."""
+    if BF16_EMU and is_low(x) and not _D.ISLANDS.rms_norm:
+        return _rms_norm_bf16_chain(x, weight, eps)
     xf = x.astype(ms.float32)
     if IS_CPU:
         d = x.shape[-1]
@@ -112,6 +171,16 @@ def rms_norm(x, weight=None, eps=1e-6):
     else:
         ms2 = (xf * xf).mean(-1, keep_dims=True)
     y = (xf * ops.rsqrt(ms2 + eps)).astype(x.dtype)
+    if weight is not None:
+        y = y * weight
+    return y
+
+
+def _rms_norm_bf16_chain(x, weight, eps):
+    """RMSNorm with its fp32 island flipped to bf16: squares, mean, rstd and the normalised value each rounded."""
+    xf = f32(x)
+    ms2 = rnd(rnd(xf * xf).mean(-1, keep_dims=True))
+    y = rnd(xf * rnd(ops.rsqrt(ms2 + eps))).astype(x.dtype)
     if weight is not None:
         y = y * weight
     return y
@@ -126,18 +195,37 @@ def attention(q, k, v, mask=None, scale=None):
     head_dim = q.shape[-1]
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
-    if IS_CPU:
-        s = _bmm_nt(q * scale, k)
-        if mask is not None:
-            s = s + mask
-        p = ops.softmax(s, -1)
-        return _bmm_nn(p, v)
-    if mask is None:
+    if BF16_EMU and is_low(q) and not _D.ISLANDS.softmax:
+        return _attention_bf16_chain(q, k, v, mask, scale)
+    if IS_CPU and not (BF16_EMU and is_low(q)):
+        return _attention_cpu(q, k, v, mask, scale)
+    if mask is None:  # one fused kernel: fp32 scores, softmax and accumulation, bf16 out
+        if BF16_EMU:
+            return emulate(_attention_cpu, q, k, v, None, scale)
         return ops.flash_attention_score(q, k, v, q.shape[1], scalar_value=scale, input_layout="BNSD")
-    s = mint.matmul(q, mint.transpose(k, -1, -2)) * scale
+    s = matmul(q, mint.transpose(k, -1, -2)) * scale
     s = s.astype(ms.float32) + mask.astype(ms.float32)
     p = mint.softmax(s, -1).astype(v.dtype)
-    return mint.matmul(p, v)
+    return matmul(p, v)
+
+
+def _attention_cpu(q, k, v, mask, scale):
+    """fp32: q pre-scaled, BatchMatMul(q, k^T) -> softmax -> BatchMatMul(p, v); no transposes."""
+    s = _bmm_nt(q * scale, k)
+    if mask is not None:
+        s = s + mask
+    p = ops.softmax(s, -1)
+    return _bmm_nn(p, v)
+
+
+def _attention_bf16_chain(q, k, v, mask, scale):
+    """Attention with the softmax island flipped to bf16: scores, scaled scores, masked scores and probabilities
+    each rounded to bf16 (the output of every matmul too)."""
+    s = rnd(rnd(_bmm_nt(f32(q), f32(k))) * scale)
+    if mask is not None:
+        s = rnd(s + f32(mask))
+    p = rnd(ops.softmax(s, -1))
+    return _bmm_nn(p, f32(v)).astype(q.dtype)
 
 
 def rope_omega(dim: int, theta: float) -> np.ndarray:
@@ -162,6 +250,8 @@ def rope_angles(ids, axes_dim, theta, freqs=None):
     `freqs`: the Tensor of `rope_freq_matrix(axes_dim, theta)`, precomputed by cells (a graph constant)."""
     if freqs is None:
         freqs = Tensor(rope_freq_matrix(axes_dim, theta))
+    if BF16_EMU and not _D.ISLANDS.rope:  # island flipped: the angles of a bf16 matmul
+        return rnd(mint.matmul(rnd(f32(ids)), rnd(freqs)))
     return mint.matmul(ids.astype(ms.float32), freqs)
 
 
@@ -171,6 +261,8 @@ def rope_cos_sin(ids, axes_dim, theta, freqs=None):
     ang = rope_angles(ids, axes_dim, theta, freqs)
     c = ops.cos(ang)
     s = ops.sin(ang)
+    if BF16_EMU and not _D.ISLANDS.rope:  # island flipped: bf16 tables
+        c, s = c.astype(ms.bfloat16), s.astype(ms.bfloat16)
     return mint.cat((c, c), -1), mint.cat((s, s), -1)
 
 
@@ -195,6 +287,9 @@ def swap_halves(x):
 def apply_rope(x, cos, sin):
     """Rotate-half RoPE with tables from `rope_tables`: x*cos + swap_halves(x)*sin, computed in fp32, cast back."""
     xf = x.astype(ms.float32)
+    if BF16_EMU and is_low(x) and not _D.ISLANDS.rope:  # island flipped: each product and the sum rounded
+        y = rnd(rnd(xf * rnd(f32(cos))) + rnd(swap_halves(xf) * rnd(f32(sin))))
+        return y.astype(x.dtype)
     y = xf * cos + swap_halves(xf) * sin
     return y.astype(x.dtype)
 
@@ -206,6 +301,11 @@ def apply_rope_interleaved(x, cos_half, sin_half):
     xr = xf.reshape(shp[:-1] + (shp[-1] // 2, 2))
     x0 = xr[..., 0]
     x1 = xr[..., 1]
+    if BF16_EMU and is_low(x) and not _D.ISLANDS.rope:  # island flipped: bf16 tables, each op rounded
+        c, s = rnd(f32(cos_half)), rnd(f32(sin_half))
+        y0 = rnd(rnd(x0 * c) - rnd(x1 * s))
+        y1 = rnd(rnd(x0 * s) + rnd(x1 * c))
+        return ops.stack((y0, y1), -1).reshape(shp).astype(x.dtype)
     y0 = x0 * cos_half - x1 * sin_half
     y1 = x0 * sin_half + x1 * cos_half
     y = ops.stack((y0, y1), -1).reshape(shp)

@@ -22,6 +22,7 @@ BY_CONFIG = {
     "AutoEncoder3DConfig": "hunyuan_vae",
     "DCAEConfig": "dc_ae",
     "AutoEncoderConfig": "flux_ae",
+    "SamplingOption": "pipeline",
 }
 
 REQUIRED = ("CONFIG_NAME", "mapping_name", "build_torch", "build_ms", "run_torch", "run_ms", "TEACHER_BLOCKS",

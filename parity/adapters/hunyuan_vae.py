@@ -23,7 +23,7 @@ teacher forcing see the same calls as the case.
 
 `case_cfg["jit"]` (from `msconv parity replay --jit`) runs the MindSpore encoder/decoder as whole `ms.jit` graphs
 (one compilation per tile shape); the default is PyNative (hooks), where large convolutions still run as cached
-per-shape graphs (`opensora_ms.ops.conv.set_cpu_conv_jit`).
+per-shape graphs (`opensora_ms.ops.conv.ConvSettings.jit`).
 """
 
 from __future__ import annotations

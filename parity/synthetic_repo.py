@@ -1,5 +1,5 @@
 """A deterministic tiny repo laid out exactly like hpcai-tech/Open-Sora-v2 (same file names, same key names,
-tiny shapes), for the download tests and `msconv demo`.
+tiny shapes), for the download tests and `msconv demo` (installed with the package, so the demo runs from a wheel).
 
 Weights come from the project's torch references (`parity.adapters.<model>.build_torch`, the cases' seeded
 recipe) and from transformers' own T5ForConditionalGeneration / CLIPModel at tiny configs, stored in the real
@@ -192,7 +192,7 @@ def write_model_configs(folder) -> dict:
     return paths
 
 
-if __name__ == "__main__":  # python tests/synthetic_repo.py DIR
+if __name__ == "__main__":  # python -m parity.synthetic_repo DIR
     import sys
 
     print(json.dumps(build(sys.argv[1]), indent=1))
