@@ -67,6 +67,7 @@ class Case:
     prefix: Path
     config: dict
     aliases: dict[str, str] = field(default_factory=dict)
+    outputs_only: list[str] | None = None     # globs: compare (and compute) only these outputs (--outputs)
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Case":
@@ -135,6 +136,15 @@ class Case:
     def inputs(self) -> dict[str, np.ndarray]:
         r = SafetensorsReader(self.file("inputs"))
         return {k: r.get(k) for k in r.keys()}
+
+    def output_names(self) -> list[str]:
+        """The case's output names, restricted to `outputs_only` when set."""
+        import fnmatch
+
+        names = self.outputs_reader().keys()
+        if self.outputs_only is None:
+            return list(names)
+        return [n for n in names if any(fnmatch.fnmatchcase(n, g) for g in self.outputs_only)]
 
     def outputs_reader(self) -> SafetensorsReader:
         return SafetensorsReader(self.file("outputs"))

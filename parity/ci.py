@@ -85,7 +85,8 @@ def _cell(rep: dict | None, status: str) -> str:
 
 
 def run_suite(cases_dir, report_root, frameworks=("torch", "mindspore"), modes=("free", "teacher"),
-              only=None, echo=print, device: str = "CPU", dtype: str | None = None, hooks: bool = True) -> int:
+              only=None, echo=print, device: str = "CPU", dtype: str | None = None, hooks: bool = True,
+              outputs: dict[str, list[str]] | None = None) -> int:
     from parity.engine import NotCoveredError, ReplayOptions, replay
 
     cases_dir = Path(cases_dir)
@@ -127,7 +128,8 @@ def run_suite(cases_dir, report_root, frameworks=("torch", "mindspore"), modes=(
                 t0 = time.time()
                 try:
                     rep = replay(prefix, ReplayOptions(framework=fw, mode=mode, report_dir=rdir, device=device,
-                                                       dtype=dtype, hooks=hooks))
+                                                       dtype=dtype, hooks=hooks,
+                                                       outputs=(outputs or {}).get(case.name)))
                     status = rep["verdict"]
                 except NotCoveredError as e:   # no adapter / the port cannot be imported: only these
                     rep, status = None, f"not covered ({e})"

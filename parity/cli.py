@@ -120,6 +120,8 @@ def replay(
     hooks: bool = typer.Option(True, help="capture per-layer outputs (--no-hooks: outputs only)"),
     jit: bool = typer.Option(False, help="MindSpore: run under ms.jit (outputs only; needs --no-hooks)"),
     perturb: Optional[List[str]] = typer.Option(None, help="fault injection: NAME=SCALE multiplies a candidate weight by 1+SCALE"),
+    outputs: Optional[List[str]] = typer.Option(None, help="compute and compare only the case outputs matching this "
+                                                           "glob (repeat)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="print nothing but errors (the exit code tells the verdict)"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="also print the report's notes and first divergence"),
 ):
@@ -134,7 +136,7 @@ def replay(
     opts = ReplayOptions(framework=framework, device=device, mode=mode, dtype=dtype, oracle=oracle, report_dir=report,
                          save_outputs=save_outputs, thresholds=thresholds, include=include or None,
                          exclude=exclude or None, max_depth=max_depth, hooks=hooks, jit=jit,
-                         perturb=_perturb(perturb))
+                         perturb=_perturb(perturb), outputs=outputs or None)
     try:
         rep = do_replay(case, opts)
     except _user_errors() as e:
@@ -220,6 +222,16 @@ def run(
     raise typer.Exit(worst)
 
 
+def _case_globs(items: list[str] | None) -> dict[str, list[str]] | None:
+    out = {}
+    for it in items or []:
+        name, sep, globs = it.partition("=")
+        if not sep or not name or not globs:
+            _fail_user(f"--outputs {it!r}: expected CASE=GLOB[,GLOB]")
+        out.setdefault(name, []).extend(g for g in globs.split(",") if g)
+    return out or None
+
+
 @app.command()
 def suite(
     cases: Optional[Path] = typer.Argument(None, help="directory of cases (default: ../shared/upstream/tiny beside "
@@ -232,6 +244,8 @@ def suite(
     dtype: Optional[str] = typer.Option(None, help="replay dtype (default: each case's own); bfloat16 judges "
                                                    "every run against the float64 oracle"),
     hooks: bool = typer.Option(True, help="--no-hooks: outputs only"),
+    outputs: Optional[List[str]] = typer.Option(None, help="CASE=GLOB[,GLOB]: compare only these outputs of that "
+                                                           "case (repeat)"),
 ):
     """Replay every covered case; one summary line per case; exit 1 if any covered run fails."""
     _check_device(device)
@@ -240,7 +254,7 @@ def suite(
     try:
         rc = run_suite(cases or DEFAULT_CASES, report, [f for f in frameworks.split(",") if f],
                        [m for m in modes.split(",") if m], only=only or None, device=device, dtype=dtype,
-                       hooks=hooks)
+                       hooks=hooks, outputs=_case_globs(outputs))
     except _user_errors() as e:
         _fail_user(str(e))
     raise typer.Exit(rc)

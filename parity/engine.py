@@ -69,6 +69,7 @@ class ReplayOptions:
     max_depth: int | None = None
     hooks: bool = True
     perturb: dict[str, float] = field(default_factory=dict)
+    outputs: list[str] | None = None     # globs: only these case outputs are computed and compared
     jit: bool = False
     workdir: Path | None = None
 
@@ -176,7 +177,7 @@ def run_config(case: Case, **extra) -> dict:
     (`parity.adapters.base.WANT`), so an adapter skips calls nobody compares."""
     from parity.adapters.base import WANT
 
-    return dict(case.config, **{WANT: list(case.outputs_reader().keys())}, **extra)
+    return dict(case.config, **{WANT: case.output_names()}, **extra)
 
 
 def _run_torch(adapter, case: Case, weights, inputs, dtype: str, work: Path, tag: str, filt: ModuleFilter,
@@ -328,6 +329,11 @@ def _spec_absent(module: str) -> bool:
 def replay(case_path, opts: ReplayOptions | None = None, **kw) -> dict:
     opts = opts or ReplayOptions(**kw)
     case = Case.open(case_path)
+    if opts.outputs:
+        case.outputs_only = list(opts.outputs)
+        if not case.output_names():
+            raise ReplayError(f"--outputs {' '.join(opts.outputs)}: matches none of the case's outputs "
+                              f"({', '.join(case.outputs_reader().keys())})")
     made_in = case_dtype(case)
     emulated = opts.framework == "mindspore" and opts.device == "CPU-bf16"
     opts = dataclasses.replace(opts, dtype=opts.dtype or ("bfloat16" if emulated else made_in))
@@ -388,8 +394,12 @@ def replay(case_path, opts: ReplayOptions | None = None, **kw) -> dict:
             save_dict(opts.save_outputs, cand.outputs, {"case": case.name, "framework": opts.framework})
 
         stored = case.outputs_reader()
-        lowp_names = [k for k in stored.keys() if k.startswith(LOWP_PREFIX)]
-        main_outputs = _Only(stored, [k for k in stored.keys() if k not in lowp_names])
+        selected = case.output_names()
+        if opts.outputs:
+            notes.append(f"outputs selected by --outputs {' '.join(opts.outputs)}: {len(selected)} of "
+                         f"{len(stored.keys())} (the others are not computed)")
+        lowp_names = [k for k in selected if k.startswith(LOWP_PREFIX)]
+        main_outputs = _Only(stored, [k for k in selected if k not in lowp_names])
         oracle_outputs = None
         if use_oracle:
             oracle = _run_torch(adapter, case, weights, inputs, "float64", work, "oracle", ModuleFilter(), capture,

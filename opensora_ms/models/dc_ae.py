@@ -26,7 +26,7 @@ from mindspore.common.initializer import initializer
 
 from opensora_ms.configs import DCAEConfig
 from opensora_ms.ops.conv import Conv3d, interpolate_nearest
-from opensora_ms.ops.nn import matmul, relu, silu
+from opensora_ms.ops.nn import matmul, mean, relu, silu
 
 __all__ = ["DCAE", "DCAEConfig", "build", "param_inventory", "check_video_shape"]
 
@@ -228,7 +228,7 @@ class PixelUnshuffleChannelAveragingDownSampleLayer(nn.Cell):
             x = pixel_unshuffle_hw(x, self.factor) if self.factor > 1 else x
             group = self.in_channels * self.factor ** 2 // self.out_channels
         b, _, t, h, w = x.shape
-        return x.reshape(b, self.out_channels, group, t, h, w).mean(2)
+        return mean(x.reshape(b, self.out_channels, group, t, h, w), 2)
 
 
 class ChannelDuplicatingPixelShuffleUpSampleLayer(nn.Cell):
@@ -618,6 +618,71 @@ def param_inventory(cfg) -> dict:
     return inv
 
 
+def _infer_fail(msg):
+    from converter.errors import MappingError
+
+    raise MappingError(f"cannot infer the dc_ae config from the checkpoint: {msg}; pass --config FILE.json "
+                       "(e.g. the case / model config with a 'DCAEConfig' object)")
+
+
+def _conv_shape(inv: dict, k: str):
+    """Shape of `k`; every shape `infer_config` reads is a 3-D conv weight (out, in / groups, k, k, k)."""
+    from opensora_ms.models.t5 import inv_shape
+
+    s = inv_shape(inv, k, "dc_ae")
+    return s if len(s) == 5 else _infer_fail(f"{k!r} has shape {list(s)}, a 3-D conv weight has 5 dims")
+
+
+def _has(inv: dict, prefix: str) -> bool:
+    return any(k.startswith(prefix) for k in inv)
+
+
+def _infer_block(inv: dict, p: str):
+    """(block type, width) of the block with keys `p.*`."""
+    if _has(inv, f"{p}.context_module.") or _has(inv, f"{p}.local_module."):
+        bt = "EViTS5_GLU" if _has(inv, f"{p}.context_module.main.aggreg.") else "EViT_GLU"
+        return bt, _conv_shape(inv, f"{p}.context_module.main.qkv.conv.weight")[1]
+    return "ResBlock", _conv_shape(inv, f"{p}.main.conv1.conv.weight")[0]
+
+
+def _infer_stages(inv: dict, side: str, first: int):
+    """Per stage: widths, depths, block types, norms; `first` = index of a stage's first block (the decoder's
+    up-sampler comes first, the encoder's down-sampler last)."""
+    from opensora_ms.models.t5 import inv_count
+
+    n = inv_count(inv, f"{side}.stages")
+    if not n:
+        _infer_fail(f"no '{side}.stages.N.*' key")
+    w, dep, bt, nm = [], [], [], []
+    for i in range(n):
+        p = f"{side}.stages.{i}.op_list"
+        ops = inv_count(inv, p)
+        if not ops:
+            _infer_fail(f"stage {side}.stages.{i} has no parameter (a stage of depth 0 has no width to read)")
+        j0 = first if i < n - 1 else 0
+        depth = ops - (1 if i < n - 1 else 0)
+        kinds = [_infer_block(inv, f"{p}.{j0 + j}") for j in range(depth)]
+        if len({k for k, _ in kinds}) > 1:
+            _infer_fail(f"{p}.* mixes block types {[k for k, _ in kinds]} (one type per stage)")
+        w.append(kinds[0][1] if kinds else _infer_fail(f"stage {side}.stages.{i} holds no block"))
+        dep.append(depth)
+        bt.append(kinds[0][0])
+        nm.append("rms3d" if any(k.startswith(f"{side}.stages.{i}.") and ".norm." in k for k in inv) else None)
+    return n, w, dep, bt, nm
+
+
+def _infer_head(inv: dict, po: str):
+    """(out_norm, out_act, conv key) of a stem `op_list`: [norm] [ReLU] conv."""
+    from opensora_ms.models.t5 import inv_count
+
+    k = inv_count(inv, po) - 1
+    norm = "rms3d" if f"{po}.0.weight" in inv or f"{po}.0.bias" in inv else None
+    act = k - (norm is not None)
+    if k < 0 or act not in (0, 1):
+        _infer_fail(f"{po}.* is not [norm] [ReLU] conv")
+    return norm, "relu" if act else None, f"{po}.{k}.conv.weight"
+
+
 def infer_config(inv: dict) -> dict:
     """A `DCAEConfig` dict from the port's parameter names and shapes (for `converter.targets`).
 
@@ -630,69 +695,23 @@ def infer_config(inv: dict) -> dict:
     duplicating shortcuts (the only kinds the port builds); is_video; the temporal down/up-sampling of upstream's
     F32T4C128 (stages 3 and 4, time_compression_ratio 4), taken only when both sides have its 6 stages -- any
     other stage count raises MappingError asking for --config FILE.json. Tiling and scaling: DCAEConfig defaults."""
-    from converter.errors import MappingError
-    from opensora_ms.models.t5 import inv_count, inv_shape
+    fail = _infer_fail
 
-    def fail(msg):
-        raise MappingError(f"cannot infer the dc_ae config from the checkpoint: {msg}; pass --config FILE.json "
-                           "(e.g. the case / model config with a 'DCAEConfig' object)")
-
-    def shape(k):  # every shape read is a 3-D conv weight (out, in / groups, k, k, k)
-        s = inv_shape(inv, k, "dc_ae")
-        return s if len(s) == 5 else fail(f"{k!r} has shape {list(s)}, a 3-D conv weight has 5 dims")
-
-    has = lambda p: any(k.startswith(p) for k in inv)  # noqa: E731
-
-    def block(p):
-        """(block type, width) of the block with keys `p.*`."""
-        if has(f"{p}.context_module.") or has(f"{p}.local_module."):
-            bt = "EViTS5_GLU" if has(f"{p}.context_module.main.aggreg.") else "EViT_GLU"
-            return bt, shape(f"{p}.context_module.main.qkv.conv.weight")[1]
-        return "ResBlock", shape(f"{p}.main.conv1.conv.weight")[0]
-
-    def stages(side, first):
-        """Per stage: widths, depths, block types, norms; `first` = index of a stage's first block (the decoder's
-        up-sampler comes first, the encoder's down-sampler last)."""
-        n = inv_count(inv, f"{side}.stages")
-        if not n:
-            fail(f"no '{side}.stages.N.*' key")
-        w, dep, bt, nm = [], [], [], []
-        for i in range(n):
-            p = f"{side}.stages.{i}.op_list"
-            ops = inv_count(inv, p)
-            if not ops:
-                fail(f"stage {side}.stages.{i} has no parameter (a stage of depth 0 has no width to read)")
-            j0 = first if i < n - 1 else 0
-            depth = ops - (1 if i < n - 1 else 0)
-            kinds = [block(f"{p}.{j0 + j}") for j in range(depth)]
-            if len({k for k, _ in kinds}) > 1:
-                fail(f"{p}.* mixes block types {[k for k, _ in kinds]} (one type per stage)")
-            w.append(kinds[0][1] if kinds else fail(f"stage {side}.stages.{i} holds no block"))
-            dep.append(depth)
-            bt.append(kinds[0][0])
-            nm.append("rms3d" if any(k.startswith(f"{side}.stages.{i}.") and ".norm." in k for k in inv) else None)
-        return n, w, dep, bt, nm
-
-    def head(po):
-        """(out_norm, out_act, conv key) of a stem `op_list`: [norm] [ReLU] conv."""
-        k = inv_count(inv, po) - 1
-        norm = "rms3d" if f"{po}.0.weight" in inv or f"{po}.0.bias" in inv else None
-        act = k - (norm is not None)
-        if k < 0 or act not in (0, 1):
-            fail(f"{po}.* is not [norm] [ReLU] conv")
-        return norm, "relu" if act else None, f"{po}.{k}.conv.weight"
+    def shape(k):
+        return _conv_shape(inv, k)
 
     # encoder
-    n, ew, ed, et, en = stages("encoder", 0)
-    short = has("encoder.project_out.main.op_list.")
-    e_norm, e_act, e_conv = head("encoder.project_out.main.op_list" if short else "encoder.project_out.op_list")
+    n, ew, ed, et, en = _infer_stages(inv, "encoder", 0)
+    short = _has(inv, "encoder.project_out.main.op_list.")
+    e_norm, e_act, e_conv = _infer_head(inv, "encoder.project_out.main.op_list" if short
+                                        else "encoder.project_out.op_list")
     in_ch = shape("encoder.project_in.conv.weight")[1]
     down = shape(f"encoder.stages.0.op_list.{ed[0]}.main.conv.weight")[0] if n > 1 else ew[0]
     # decoder
-    dup = has("decoder.project_in.main.")
+    dup = _has(inv, "decoder.project_in.main.")
     latent = shape("decoder.project_in.main.conv.weight" if dup else "decoder.project_in.conv.weight")[1]
-    m, dw, dd, dt, dn = stages("decoder", 1)
-    d_norm, d_act, d_conv = head("decoder.project_out.op_list")
+    m, dw, dd, dt, dn = _infer_stages(inv, "decoder", 1)
+    d_norm, d_act, d_conv = _infer_head(inv, "decoder.project_out.op_list")
     up = shape("decoder.stages.0.op_list.0.main.conv.conv.weight")[0] if m > 1 else dw[0]
     if (n, m) != (6, 6):
         fail(f"temporal down/up-sampling has no parameter and is known only for upstream's 6-stage F32T4C128, "

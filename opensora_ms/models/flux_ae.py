@@ -29,7 +29,7 @@ from mindspore import Tensor, mint, nn
 from opensora_ms.configs import AutoEncoderConfig
 from opensora_ms.ops.conv import GroupNorm
 from opensora_ms.ops.conv2d import Conv2d
-from opensora_ms.ops.nn import attention, silu
+from opensora_ms.ops.nn import attention, clamp, exp, silu
 
 __all__ = ["AutoEncoderConfig", "AutoEncoder", "DiagonalGaussianDistribution", "param_inventory", "build"]
 
@@ -203,8 +203,8 @@ class DiagonalGaussianDistribution:
         self.parameters = parameters
         c = parameters.shape[1] // 2
         self.mean = parameters[:, :c]
-        self.logvar = mint.clamp(parameters[:, c:], -30.0, 20.0)
-        self.std = mint.exp(0.5 * self.logvar)
+        self.logvar = clamp(parameters[:, c:], -30.0, 20.0)
+        self.std = exp(0.5 * self.logvar)
 
     def sample(self, noise):
         """mean + std * noise; `noise` (the mean's shape) comes from the caller (numpy/torch generated)."""

@@ -33,7 +33,7 @@ import mindspore as ms
 from mindspore import Tensor, mint, nn, ops
 
 from opensora_ms.ops.conv import DEFAULT_CONV_SETTINGS, Conv3d, ConvSettings, GroupNorm, apply_conv_settings
-from opensora_ms.ops.nn import Identity, Linear, SiLU, attention
+from opensora_ms.ops.nn import Identity, Linear, SiLU, attention, clamp, exp
 from opensora_ms.configs import AutoEncoder3DConfig, TilingKnobs, sampling_plan
 
 __all__ = [
@@ -274,8 +274,8 @@ class DiagonalGaussianDistribution:
         self.parameters = parameters
         c = parameters.shape[1] // 2
         self.mean = parameters[:, :c]
-        self.logvar = mint.clamp(parameters[:, c:], -30.0, 20.0)
-        self.std = mint.exp(0.5 * self.logvar)
+        self.logvar = clamp(parameters[:, c:], -30.0, 20.0)
+        self.std = exp(0.5 * self.logvar)
 
     def sample(self, noise):
         """mean + std * noise; `noise` (same shape as the mean) comes from the caller (numpy/torch generated)."""

@@ -40,6 +40,9 @@ __all__ = [
     "linear",
     "matmul",
     "relu",
+    "mean",
+    "clamp",
+    "exp",
     "sigmoid",
     "silu",
     "gelu",
@@ -96,6 +99,25 @@ def relu(x):
     if BF16_EMU:
         return emulate(ops.relu, x)
     return ops.relu(x)
+
+
+def mean(x, axis):
+    """Mean over `axis` (Ascend: fp32 accumulation, result in x's dtype; MindSpore CPU has no bf16 Reduce kernel)."""
+    if BF16_EMU:
+        return emulate(mint.mean, x, axis)
+    return x.mean(axis)
+
+
+def clamp(x, lo, hi):
+    if BF16_EMU:   # no bf16 Maximum/Minimum CPU kernel
+        return emulate(mint.clamp, x, lo, hi)
+    return mint.clamp(x, lo, hi)
+
+
+def exp(x):
+    if BF16_EMU:   # no bf16 Exp CPU kernel
+        return emulate(mint.exp, x)
+    return mint.exp(x)
 
 
 def sigmoid(x):

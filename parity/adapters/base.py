@@ -85,6 +85,62 @@ def load_ms_from_torch(net, torch_model, mapping_name: str):
     return net
 
 
+# ---------------------------------------------------------------------------------------------- MindSpore dtype
+# Upstream's dtype policy (SPEC §g): the model is built in the run's dtype (bf16 on Ascend and in the emulated
+# CPU-bf16 mode, fp32 on CPU: `opensora_ms.ops.device.model_dtype()`) and floating inputs are cast to it.
+def ms_dtype(net):
+    """The dtype of `net`'s first floating parameter (fp32 for a net without one)."""
+    import mindspore as ms
+
+    for p in net.get_parameters():
+        if p.dtype in (ms.float32, ms.bfloat16, ms.float16, ms.float64):
+            return p.dtype
+    return ms.float32
+
+
+def ms_in_model_dtype(net):
+    """`net` (built fp32, no dtype argument: the Hunyuan VAE, the DC-AE) with its parameters in the op layer's
+    `model_dtype()`; untouched in an fp32 run."""
+    import mindspore as ms
+
+    from opensora_ms.ops.bf16 import cast_parameters
+    from opensora_ms.ops.device import model_dtype
+
+    dtype = model_dtype()
+    return net if dtype == ms.float32 else cast_parameters(net, dtype)
+
+
+def ms_tensor(a, dtype):
+    """numpy -> MindSpore Tensor; a floating array in `dtype` (an fp32 run gets the fp32 Tensor it always got)."""
+    import mindspore as ms
+
+    a = np.ascontiguousarray(a)
+    if a.dtype.kind != "f":
+        return ms.Tensor(a)
+    t = ms.Tensor(a.astype(np.float32, copy=False))
+    return t if dtype == ms.float32 else t.astype(dtype)
+
+
+def ms_numpy_inputs(inputs: dict, dtype) -> dict:
+    """Floating numpy inputs rounded to `dtype` (bf16 as MindSpore's numpy bfloat16); unchanged in an fp32 run."""
+    import mindspore as ms
+
+    if dtype == ms.float32:
+        return inputs
+    return {k: ms_tensor(v, dtype).asnumpy() if np.asarray(v).dtype.kind == "f" else v for k, v in inputs.items()}
+
+
+def ms_float32(a) -> np.ndarray:
+    """A MindSpore output (Tensor, or numpy possibly in bfloat16) as numpy float32; fp32 passes unchanged, the
+    bf16 upcast is exact."""
+    import mindspore as ms
+
+    if isinstance(a, ms.Tensor):
+        return a.asnumpy() if a.dtype == ms.float32 else a.astype(ms.float32).asnumpy()
+    a = np.asarray(a)
+    return a.astype(np.float32) if a.dtype.kind == "V" or a.dtype == np.float16 else a
+
+
 # ---------------------------------------------------------------------------------------------- hooks
 @contextlib.contextmanager
 def paused_torch_hooks(model):

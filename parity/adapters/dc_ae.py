@@ -108,9 +108,10 @@ def build_torch(cfg, dtype=None, seed: int = 0):
 
 
 def build_ms(cfg):
+    """In the op layer's model dtype (fp32 on CPU, bf16 in CPU-bf16 and on Ascend: upstream's policy)."""
     from opensora_ms.models import dc_ae as M
 
-    return M.build(base.cfg_dict(cfg, CONFIG_NAME))
+    return base.ms_in_model_dtype(M.build(base.cfg_dict(cfg, CONFIG_NAME)))
 
 
 # ---------------------------------------------------------------------------------------------- shared driver
@@ -141,7 +142,8 @@ def _drive(model, inputs: dict, case_cfg: dict | None, t, n, paused) -> dict:
 
     with base.tiling(model, {}, False, False):
         if "x" in inputs:
-            encode_decode("x", "z", "decoded")
+            if want("z", "decoded"):  # skipped when nobody compares them (e.g. `--outputs` picks a decode only)
+                encode_decode("x", "z", "decoded")
         elif "z" in inputs:
             with calls():
                 out["decoded"] = n(model.decode(t(inputs["z"])))
@@ -206,8 +208,10 @@ def run_torch(model, inputs: dict, case_cfg: dict | None = None) -> dict:
 def run_ms(model, inputs: dict, case_cfg: dict | None = None) -> dict:
     import mindspore as ms
 
+    dtype = base.ms_dtype(model)  # floating inputs in the model dtype (upstream's policy, SPEC §g)
+
     def t(a):
-        return ms.Tensor(np.ascontiguousarray(a, np.float32))
+        return base.ms_tensor(a, dtype)
 
     def n(a):
         return a.astype(ms.float32).asnumpy()

@@ -81,9 +81,11 @@ def build_torch(cfg, dtype=None, seed: int = 0):
 
 
 def build_ms(cfg):
+    """In the op layer's model dtype: fp32 on CPU, bf16 in CPU-bf16 and on Ascend (upstream's policy)."""
     from opensora_ms.models import flux_ae as M
+    from opensora_ms.ops.device import model_dtype
 
-    return M.build(_cfg(cfg))
+    return M.build(_cfg(cfg), dtype=model_dtype())
 
 
 # ---------------------------------------------------------------------------------------------------------------- calls
@@ -165,8 +167,12 @@ def run_torch(model, inputs: dict, case_cfg: dict | None = None) -> dict:
 def run_ms(model, inputs: dict, case_cfg: dict | None = None) -> dict:
     import mindspore as ms
 
+    from parity.adapters.base import ms_dtype, ms_tensor
+
+    dtype = ms_dtype(model)  # floating inputs in the model dtype (upstream's policy, SPEC §g)
+
     def t(a):
-        return ms.Tensor(np.ascontiguousarray(a, np.float32))
+        return ms_tensor(a, dtype)
 
     def n(a):
         return a.astype(ms.float32).asnumpy()

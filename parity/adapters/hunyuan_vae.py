@@ -144,6 +144,8 @@ def _outputs(model, inputs: dict, case_cfg: dict | None, t, n, paused) -> dict:
         if c not in plan:
             raise base.AdapterError(f"input tiling/{c}/...: config.tiling.cases has no {c!r}")
         sp, tm = plan[c]
+        if not want(*(f"tiling/{c}/{k}" for k in ("z_plain", "z_tiled", "dec_tiled", "dec_plain"))):
+            continue  # nobody compares this tiling case (e.g. `--outputs`): skip its encodes/decodes
         with paused():
             if f"tiling/{c}/x" in inputs:
                 x = t(inputs[f"tiling/{c}/x"])
@@ -198,17 +200,20 @@ def run_torch(model, inputs: dict, case_cfg: dict | None = None) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------------- ms
 def build_ms(cfg):
-    """fp32 on CPU, PyNative orchestration (hooks work); `run_ms(..., {"jit": True})` switches to whole graphs."""
+    """In the op layer's model dtype (fp32 on CPU, bf16 in CPU-bf16 and on Ascend), PyNative orchestration (hooks
+    work); `run_ms(..., {"jit": True})` switches to whole graphs."""
     from opensora_ms.models import hunyuan_vae as M
 
-    return M.build(_cfg_dict(cfg), jit=False)
+    return base.ms_in_model_dtype(M.build(_cfg_dict(cfg), jit=False))
 
 
 def run_ms(model, inputs: dict, case_cfg: dict | None = None) -> dict:
     import mindspore as ms
 
+    dtype = base.ms_dtype(model)  # floating inputs in the model dtype (upstream's policy, SPEC §g)
+
     def t(a):
-        return ms.Tensor(np.ascontiguousarray(a, np.float32))
+        return base.ms_tensor(a, dtype)
 
     def n(a):
         return a.astype(ms.float32).asnumpy()

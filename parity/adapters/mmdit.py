@@ -130,9 +130,11 @@ def run_torch(model, inputs: dict, case_cfg: dict | None = None) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------------- ms
 def build_ms(cfg):
+    """In the op layer's model dtype: fp32 on CPU, bf16 in CPU-bf16 and on Ascend (upstream's policy)."""
     from opensora_ms.models import mmdit as M
+    from opensora_ms.ops.device import model_dtype
 
-    return M.build(_cfg_dict(cfg))
+    return M.build(_cfg_dict(cfg), dtype=model_dtype())
 
 
 def run_ms(model, inputs: dict, case_cfg: dict | None = None) -> dict:
@@ -141,15 +143,18 @@ def run_ms(model, inputs: dict, case_cfg: dict | None = None) -> dict:
 
     from opensora_ms.models import mmdit as M
 
+    from parity.adapters.base import ms_float32, ms_numpy_inputs, ms_tensor
+
     jit = bool((case_cfg or {}).get("jit", False))
-    res = {"output": M.run(model, inputs, jit=jit)}
+    inputs = ms_numpy_inputs(inputs, model.dtype)  # floating inputs (ids, t included) in the model dtype, as upstream
+    res = {"output": ms_float32(M.run(model, inputs, jit=jit))}
     if model.use_liger_rope:  # MindSpore's table equals liger's (cos, sin) layout; Flux's 6-D table has no equivalent
         from opensora_ms.ops import nn as onn
 
         # the op, not the `pe_embedder` cell: a second call of the cell would show up as an extra hook capture
-        ids = np.concatenate([inputs["txt_ids"], inputs["img_ids"]], 1)
-        cos, sin = onn.rope_cos_sin(ms.Tensor(ids), model.pe_embedder.axes_dim, model.pe_embedder.theta)
-        res["pe.0"], res["pe.1"] = cos.asnumpy(), sin.asnumpy()
+        ids = ms.ops.cat([ms_tensor(inputs["txt_ids"], model.dtype), ms_tensor(inputs["img_ids"], model.dtype)], 1)
+        cos, sin = onn.rope_cos_sin(ids, model.pe_embedder.axes_dim, model.pe_embedder.theta)
+        res["pe.0"], res["pe.1"] = ms_float32(cos), ms_float32(sin)
     return res
 
 

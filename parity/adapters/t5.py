@@ -81,9 +81,12 @@ def run_torch(model, inputs: dict, case_cfg: dict | None = None) -> dict:
 
 
 def build_ms(cfg):
+    """In the op layer's model dtype: fp32 on CPU, bf16 in CPU-bf16 and on Ascend (upstream's policy; the inputs are
+    token ids)."""
     from opensora_ms.models import t5 as M
+    from opensora_ms.ops.device import model_dtype
 
-    return M.build(cfg_dict(cfg, CONFIG_NAME))
+    return M.build(cfg_dict(cfg, CONFIG_NAME), dtype=model_dtype())
 
 
 def run_ms(model, inputs: dict, case_cfg: dict | None = None) -> dict:
