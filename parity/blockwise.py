@@ -70,10 +70,28 @@ class Result:
     files_wrong: bool        # a converted tensor differs from the mapped source
     first_failure: str | None
     seconds: float
-    peak_rss: int            # bytes (ru_maxrss of this process)
+    peak_rss: int            # bytes: this process's peak resident set during the run (`_reset_peak_rss`)
+
+
+def _reset_peak_rss() -> None:
+    """Start the peak count at the current RSS (Linux: writing 5 to /proc/self/clear_refs resets VmHWM), so a run
+    inside a long-lived process (a test session, a notebook) reports its own peak, not the process's history."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def _peak_rss() -> int:
+    """VmHWM (since `_reset_peak_rss`) where /proc has it, else the process lifetime maximum (ru_maxrss)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -419,6 +437,7 @@ def verify_parity(out_dir, source=None, components=None, tokens: int = 256, seed
     `components`: names to check (default: every component of the conversion); `only`: unit-name globs;
     `config`: a config file for the (single) component, when the conversion recorded none or a wrong one."""
     t_start = time.perf_counter()
+    _reset_peak_rss()
     say = progress or (lambda s: None)
     out = Path(out_dir)
     man = _manifest(out)

@@ -56,7 +56,7 @@ def test_verdicts_and_thresholds():
     th = Thresholds.load()
     # the documented fp32 limits
     assert th.limit("output", "output", "float32") == 1e-4
-    assert th.limit("double_blocks.0.img_attn.q_proj", "hook", "float32") == 1e-3
+    assert th.limit("double_blocks.0.img_attn.q_proj", "hook", "float32") == 1e-4
     assert th.for_dtype("bfloat16")["oracle_ratio"] == 2.0
     m = compare_arrays(np.array([1.0, 2.0]), np.array([1.0, 2.0]))
     assert verdict(m, 1e-3, 0.5)[0] == "pass"
