@@ -108,11 +108,9 @@ def _fail(e: UserError):
 
 
 def _human(n: float) -> str:
-    for u in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or u == "TB":
-            return f"{n:.0f} {u}" if u == "B" else f"{n:.2f} {u}"
-        n /= 1000
-    return str(n)
+    from converter.hub import _human as human   # one formatter for sizes (B/KB/MB/GB/TB, decimal)
+
+    return human(n)
 
 
 def _table(title: str, tensors: dict, limit: int | None) -> str:

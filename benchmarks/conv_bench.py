@@ -36,6 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from _worker import serve_worker  # noqa: E402  (benchmarks/, the script's own folder)
+
 PADS = (1, 1, 1, 1, 2, 0)
 # (C_in, C_out, T, H, W, upsample, calls per decode) of the decoder's 3x3x3 convs for a (1, 16, 5, 16, 16) latent
 LAYERS = [
@@ -220,11 +222,7 @@ def main(argv=None):
     if any(not 0 <= i < len(LAYERS) for i in args.layers):
         ap.error(f"--layers: indices 0-{len(LAYERS) - 1}")
 
-    if args.worker:
-        if args.cpus:
-            os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
-        res = worker_torch(args) if args.worker == "torch" else worker_ms(args)
-        print("RESULT " + json.dumps(res))
+    if serve_worker(args, worker_torch, worker_ms):
         return None
     res = compare(args)
     print(json.dumps(res))

@@ -34,6 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from _worker import serve_worker  # noqa: E402  (benchmarks/, the script's own folder)
+
 PRESET = "bench"     # parity/adapters/mmdit.py PRESETS["bench"]
 GRID = (4, 16, 16)   # 1024 image tokens
 N_TXT = 128
@@ -124,11 +126,7 @@ def main(argv=None):
     ap.add_argument("--worker", choices=["torch", "ms"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
-    if args.worker:
-        if args.cpus:
-            os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
-        res = worker_torch(args) if args.worker == "torch" else worker_ms(args)
-        print("RESULT " + json.dumps(res))
+    if serve_worker(args, worker_torch, worker_ms):
         return None
 
     t_all, m_all, p_all, info = [], [], [], {}

@@ -39,6 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from _worker import serve_worker  # noqa: E402  (benchmarks/, the script's own folder)
+
 SIZES = {
     "tiny": {"mmdit": "tiny", "latent": (16, 3, 4, 6), "n_txt": 7},
     "mid": {"mmdit": "bench", "latent": (16, 9, 24, 42), "n_txt": 512},
@@ -173,11 +175,7 @@ def main(argv=None):
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--ref", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.worker:
-        if args.cpus:
-            os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
-        res = worker_torch(args) if args.worker == "torch" else worker_ms(args)
-        print("RESULT " + json.dumps(res))
+    if serve_worker(args, worker_torch, worker_ms):
         return None
     return {s: bench(s, args) for s in (["tiny", "mid"] if args.size == "both" else [args.size])}
 

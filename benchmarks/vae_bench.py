@@ -43,6 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from _worker import serve_worker  # noqa: E402  (benchmarks/, the script's own folder)
+
 REAL = {"in_channels": 3, "out_channels": 3, "latent_channels": 16, "layers_per_block": 2,
         "block_out_channels": [128, 256, 512, 512], "norm_num_groups": 32}
 
@@ -244,11 +246,7 @@ def main(argv=None):
     if args.repeat < 1 or args.rounds < 1:
         ap.error("--repeat and --rounds must be >= 1")
 
-    if args.worker:
-        if args.cpus:
-            os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
-        res = worker_torch(args) if args.worker == "torch" else worker_ms(args)
-        print("RESULT " + json.dumps(res))
+    if serve_worker(args, worker_torch, worker_ms):
         return None
     res = memory(args) if args.memory else speed(args)
     print(json.dumps(res))
