@@ -30,7 +30,6 @@ import gc
 import json
 import math
 import os
-import resource
 import time
 import zlib
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from typing import Callable
 import numpy as np
 
 from converter.errors import FormatError, UserError
+from converter.memory import PeakRSS, rss as _rss
 from parity.blockwise_units import COVERED, Unit, planners, target_file_config
 
 MANIFEST_NAME = "msconv-manifest.json"
@@ -70,38 +70,7 @@ class Result:
     files_wrong: bool        # a converted tensor differs from the mapped source
     first_failure: str | None
     seconds: float
-    peak_rss: int            # bytes: this process's peak resident set during the run (`_reset_peak_rss`)
-
-
-def _reset_peak_rss() -> None:
-    """Start the peak count at the current RSS (Linux: writing 5 to /proc/self/clear_refs resets VmHWM), so a run
-    inside a long-lived process (a test session, a notebook) reports its own peak, not the process's history."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def _peak_rss() -> int:
-    """VmHWM (since `_reset_peak_rss`) where /proc has it, else the process lifetime maximum (ru_maxrss)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _rss() -> int:
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss
-    except Exception:  # pragma: no cover - psutil is a dependency
-        return _peak_rss()
+    peak_rss: int            # bytes: this process's peak resident set during the run (`PeakRSS`)
 
 
 def _gb(n: int) -> str:
@@ -384,7 +353,8 @@ def _run_unit(ck: _Checker, comp: Component, unit: Unit, src_keys: list[str], tg
             "phases": phases}
 
 
-def _run_all(ck: _Checker, todo: list, seed: int, say, rows: list, units_done: list, t_start: float) -> None:
+def _run_all(ck: _Checker, todo: list, seed: int, say, rows: list, units_done: list, t_start: float,
+             peak_rss: PeakRSS) -> None:
     """Run every unit in order, printing one progress line each (and the reasons of its failures)."""
     n = len(todo)
     width = max(len(c.prefix + u.name) for c, u, _, _ in todo)
@@ -403,7 +373,7 @@ def _run_all(ck: _Checker, todo: list, seed: int, say, rows: list, units_done: l
         same = res["weights"] - len(res["weight_rows"])
         line = (f"[{i:>{len(str(n))}}/{n}] {c.prefix + u.name:<{width}} {'FAIL' if bad else 'pass'}  "
                 f"max_rel {worst:.2e}  weights {same}/{res['weights']} = source  {res['seconds']:5.1f} s  "
-                f"RSS {_gb(_rss())} (peak {_gb(_peak_rss())})  ETA {eta / 60:.1f} min")
+                f"RSS {_gb(_rss())} (peak {_gb(peak_rss.peak())})  ETA {eta / 60:.1f} min")
         say(line)
         for r in bad:
             say(f"    {r['name']}: {r['reason']}")
@@ -436,8 +406,15 @@ def verify_parity(out_dir, source=None, components=None, tokens: int = 256, seed
     """Blockwise parity of the converted folder `out_dir` against its source checkpoint (module docstring).
     `components`: names to check (default: every component of the conversion); `only`: unit-name globs;
     `config`: a config file for the (single) component, when the conversion recorded none or a wrong one."""
+    peak_rss = PeakRSS()
+    try:
+        return _verify(out_dir, source, components, tokens, seed, only, report_dir, progress, config, peak_rss)
+    finally:
+        peak_rss.stop()
+
+
+def _verify(out_dir, source, components, tokens, seed, only, report_dir, progress, config, peak_rss) -> Result:
     t_start = time.perf_counter()
-    _reset_peak_rss()
     say = progress or (lambda s: None)
     out = Path(out_dir)
     man = _manifest(out)
@@ -540,7 +517,7 @@ def verify_parity(out_dir, source=None, components=None, tokens: int = 256, seed
     for note in notes:
         say(f"note: {note}")
     rows, units_done = list(orphans), []
-    _run_all(ck, todo, seed, say, rows, units_done, t_start)
+    _run_all(ck, todo, seed, say, rows, units_done, t_start, peak_rss)
 
     from parity.report import environment, write_reports
 
@@ -558,7 +535,7 @@ def verify_parity(out_dir, source=None, components=None, tokens: int = 256, seed
                                            "; every converted tensor equals the mapped source: the mapping or the "
                                            "MindSpore port computes differently")
     seconds = time.perf_counter() - t_start
-    peak = _peak_rss()
+    peak = peak_rss.stop()
     notes = [f"blockwise: each block built alone at the real config (torch reference on the meta device + assigned "
              f"source weights; MindSpore without init + load_strict of the converted tensors), seeded inputs "
              f"(--tokens {tokens}: MMDiT image tokens, T5/CLIP sequence length; the autoencoders: a small video "

@@ -1,6 +1,8 @@
 """Shared test fixtures. `SHARED` is the read-only ground truth beside the checkout (never copied in)."""
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -39,6 +41,14 @@ def cli():
         return runner.invoke(cli_module.app, [str(a) for a in args])
 
     return run
+
+
+def run_msconv(*args, env=None, input=None, timeout=300):
+    """The installed entry point's code path (cli.app() as a program) in its own process: what a user's shell
+    runs, with that process's own memory and exit status."""
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-c", "import sys, cli; sys.argv[0] = 'msconv'; cli.app()", *map(str, args)],
+                          cwd=ROOT, env=e, capture_output=True, text=True, input=input, timeout=timeout)
 
 
 def torch_like_state(d=8, blocks=2, seed=0) -> dict:

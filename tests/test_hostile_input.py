@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, run_msconv
 from converter.safetensors_io import save_file
 
 MAPPING = """name: {name}
@@ -467,11 +467,7 @@ def test_convert_refuses_a_config_with_a_billion_blocks(cli, tmp_path):
 
 
 # == 5. what a command-line user expects ========================================================================
-def _msconv(*args, env=None, input=None):
-    """The installed entry point's code path (cli.app() as a program), in a subprocess."""
-    e = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, "-c", "import sys, cli; sys.argv[0] = 'msconv'; cli.app()", *map(str, args)],
-                          cwd=ROOT, env=e, capture_output=True, text=True, input=input, timeout=300)
+_msconv = run_msconv
 
 
 def test_version(cli):

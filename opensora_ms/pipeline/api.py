@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import json
 import math
-import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from converter.errors import UserError
+from converter.memory import PeakRSS
 
 from . import media, plan
 
@@ -419,10 +419,6 @@ def setup_device(device: str, dtype: str) -> None:
                             f"{dtype} needs a new process")
 
 
-def _peak_rss() -> int:
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
 # ------------------------------------------------------------------------------------------------ generate
 def _t2i_reference(req: Request, info: dict, v: dict, dtype, jit: bool, progress) -> tuple[np.ndarray, Path]:
     """The T2I2V first frame: FLUX.1-dev (distilled guidance 4.0) on the bare prompt at the 768px training bucket,
@@ -474,6 +470,14 @@ def generate(req: Request | None = None, progress: Optional[Callable[[str, int, 
     """Run a request (or keyword arguments of `Request`). `progress(stage, done, total)` is called after every
     denoising step. Writes `req.out` (mp4; PNG when one frame) and returns where and what it cost."""
     req = req or Request(**kw)
+    peak = PeakRSS()
+    try:
+        return _generate(req, progress, peak)
+    finally:
+        peak.stop()
+
+
+def _generate(req: Request, progress, peak: PeakRSS) -> Result:
     t0 = time.time()
     info = make_plan(req)
     out = Path(info["out"])
@@ -571,5 +575,5 @@ def generate(req: Request | None = None, progress: Optional[Callable[[str, int, 
     else:
         path = media.write_video(out, frames, fps=req.fps)
     secs = time.time() - t0
-    return Result(path=path, plan=info, seconds=secs, step_seconds=steps_done[n_t2i:], peak_rss_bytes=_peak_rss(),
+    return Result(path=path, plan=info, seconds=secs, step_seconds=steps_done[n_t2i:], peak_rss_bytes=peak.peak(),
                   image_path=png, video=frames)
