@@ -162,12 +162,14 @@ def dump(
     inputs: Optional[Path] = typer.Option(None, help="inputs safetensors by argument name (default: seeded)"),
     seed: int = typer.Option(0, help="seed for make_inputs"),
     hooks: bool = typer.Option(True, help="also write <name>.hooks.safetensors (+ aliases)"),
+    dtype: str = typer.Option("float32", help="float32, or bfloat16: also store bf16/<name> outputs from the same "
+                                              "call by the reference in bf16 (upstream's dtype policy)"),
 ):
     """Write a case from the project's torch reference (the torch side of split mode)."""
     from parity.engine import dump as do_dump
 
     try:
-        prefix = do_dump(model, config, out, weights=weights, seed=seed, inputs=inputs, hooks=hooks)
+        prefix = do_dump(model, config, out, weights=weights, seed=seed, inputs=inputs, hooks=hooks, dtype=dtype)
     except _user_errors() as e:
         _fail_user(str(e))
     typer.echo(f"case written: {prefix}.*")

@@ -182,9 +182,20 @@ def run_config(case: Case, **extra) -> dict:
 
 def _run_torch(adapter, case: Case, weights, inputs, dtype: str, work: Path, tag: str, filt: ModuleFilter,
                hooks: bool, teacher=None, teacher_dtype: str | None = None) -> RunResult:
-    model = build_torch_loaded(adapter, model_config(adapter, case), weights, dtype, where=str(case.file("weights")))
+    return run_torch_reference(adapter, model_config(adapter, case), run_config(case), weights, inputs, dtype, work,
+                               tag, filt, hooks, teacher, teacher_dtype, where=str(case.file("weights")))
+
+
+def run_torch_reference(adapter, cfg: dict, run_cfg: dict, weights, inputs, dtype: str, work: Path, tag: str,
+                        filt: ModuleFilter, hooks: bool, teacher=None, teacher_dtype: str | None = None,
+                        where: str | None = None) -> RunResult:
+    """The torch reference in `dtype` under upstream's dtype policy (SPEC §g: `build_torch(dtype)` puts every
+    parameter in that dtype, the adapters cast floating inputs to it, the fp32 islands are the reference's own),
+    with ATen's kernels for low precision (`torch_numerics`). The oracle and same-dtype runs of a replay and the
+    bf16 run of `dump --dtype bfloat16` all go through here."""
+    model = build_torch_loaded(adapter, cfg, weights, dtype, where=where)
     with torch_numerics(dtype):
-        return _run(model, lambda: adapter.run_torch(model, inputs, run_config(case)), work, tag, filt, hooks,
+        return _run(model, lambda: adapter.run_torch(model, inputs, run_cfg), work, tag, filt, hooks,
                     teacher, teacher_dtype=teacher_dtype)
 
 
@@ -508,8 +519,9 @@ def _judge_stored_lowp(rep, adapter, case, opts, th, weights, inputs, pairs: dic
     rows = []
     for sname, oname in pairs.items():
         ref = stored[sname]
-        if oname not in produced:
-            rep.setdefault("missing_outputs", []).append(sname)
+        if oname not in produced:   # `bf16/pe` is as optional as `pe` (the adapter's OPTIONAL_OUTPUTS)
+            optional = any(fnmatch.fnmatchcase(oname, g) for g in optional_outputs(adapter, opts.framework))
+            rep.setdefault("missing_optional_outputs" if optional else "missing_outputs", []).append(sname)
             continue
         x = np.asarray(produced[oname], dtype=np.float32)
         m = compare_arrays(x, ref)
@@ -774,9 +786,37 @@ def load_weights_arg(path: str | Path) -> dict[str, np.ndarray]:
     return out
 
 
+# what `dump --dtype` can write: the fp32 case, or the fp32 case plus `bf16/<name>` outputs (the case format has no
+# other low-precision prefix)
+DUMP_DTYPES = ("float32", "bfloat16")
+BF16_OUTPUT_NOTE = ("msconv parity dump --dtype bfloat16: the same call by the torch reference with every parameter "
+                    "in bfloat16 (upstream's dtype policy, SPEC §g; ATen kernels)")
+
+
+def _lowp_stored(a):
+    """A bf16 run's output as the case stores it: BF16 where its values are bf16 (the round trip is exact, as in
+    t5_tiny's `bf16/last_hidden_state`), else unchanged (an fp32 island's output, e.g. the MMDiT's RoPE tables,
+    stays F32: nothing is rounded on the way to disk)."""
+    from converter.tensor import RawTensor, decode, encode
+
+    a = np.asarray(a)
+    if a.dtype != np.float32:
+        return a
+    bits = encode(a, "BF16")
+    if not np.array_equal(decode(bits, "BF16"), a, equal_nan=True):
+        return a
+    return RawTensor.from_storage(bits, "BF16")
+
+
 def dump(model: str, config: str | dict, out: str | Path, weights: str | Path | None = None, seed: int = 0,
-         inputs: str | Path | None = None, hooks: bool = True) -> Path:
-    """Write a case (six files) from the project's torch reference; returns the case prefix."""
+         inputs: str | Path | None = None, hooks: bool = True, dtype: str = "float32") -> Path:
+    """Write a case (six files) from the project's torch reference; returns the case prefix. `dtype="bfloat16"`
+    adds, for every floating output, `bf16/<name>` from the same call by the reference in bf16
+    (`run_torch_reference`, the replay's same-dtype run) and a config field per such output saying so, as the
+    shared text-encoder cases do (../shared/upstream/tiny/README.md "Cases")."""
+    if dtype not in DUMP_DTYPES:
+        raise ReplayError(f"--dtype must be one of {', '.join(DUMP_DTYPES)} (bfloat16 adds bf16/<name> outputs), "
+                          f"got {dtype!r}")
     import torch
 
     adapter = _adapters.by_name(model)
@@ -786,12 +826,18 @@ def dump(model: str, config: str | dict, out: str | Path, weights: str | Path | 
             and k not in PROSE_KEYS}
     else:
         cfg, fields = load_case_config_arg(adapter, config)
+    # a source case's `bf16/<name>` fields describe its outputs, not this dump's
+    fields = {k: v for k, v in fields.items() if not k.startswith(LOWP_PREFIX)}
+    # the structured case config; an adapter building several models from it (the pipeline) gets it whole
+    whole = getattr(adapter, "WHOLE_CASE_CONFIG", False)
+    structured = {**cfg, **fields} if whole and adapter.CONFIG_NAME in cfg else {adapter.CONFIG_NAME: cfg, **fields}
+    build_cfg = structured if whole else cfg
     prefix = Path(out)
     for suf in (".config.json",):
         if prefix.name.endswith(suf):
             prefix = prefix.with_name(prefix.name[: -len(suf)])
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    tmodel = adapter.build_torch(cfg, dtype=torch.float32)
+    tmodel = adapter.build_torch(build_cfg, dtype=torch.float32)
     if weights:
         w = load_weights_arg(weights)
         _load_state_strict(tmodel, {k: torch.from_numpy(v) for k, v in w.items()}, f"--weights {weights}")
@@ -803,11 +849,22 @@ def dump(model: str, config: str | dict, out: str | Path, weights: str | Path | 
         rd = SafetensorsReader(inputs)
         inp = {k: rd.get(k) for k in rd.keys()}
     else:
-        inp = adapter.make_inputs(cfg, seed, case_fields=fields) if fields else adapter.make_inputs(cfg, seed)
-    case_cfg = {adapter.CONFIG_NAME: cfg, **fields,
+        import inspect
+
+        # case-level fields (tiling) shape the inputs of the adapters whose make_inputs reads them; the others
+        # (t5, clip) get none, whatever prose-free fields a case config carries
+        takes = "case_fields" in inspect.signature(adapter.make_inputs).parameters
+        inp = adapter.make_inputs(cfg, seed, **({"case_fields": fields} if fields and takes else {}))
+    case_cfg = {**structured,
                 "call": f"msconv parity dump {model}: adapter.run_torch(model, inputs)",
                 "notes": [f"written by msconv parity dump from parity/reference ({model}); weights: {wsrc}; "
                           f"inputs: {'from ' + str(inputs) if inputs else f'make_inputs(seed={seed})'}"]}
+    state = {k: (v.float() if v.dtype == torch.bfloat16 else v).detach().cpu().numpy()
+             for k, v in tmodel.state_dict().items()}
+    lowp = {}
+    if dtype == "bfloat16":   # before the fp32 run: a failure here leaves no file behind
+        lowp = run_torch_reference(adapter, build_cfg, case_cfg, state, inp, dtype, prefix.parent, "bf16",
+                                   ModuleFilter(), False, where="the dumped weights").outputs
     meta = {"case": prefix.name}
     hook_path = prefix.with_name(prefix.name + ".hooks.safetensors")
     sink = Sink(hook_path, dedupe=True, metadata=meta) if hooks else None
@@ -816,17 +873,26 @@ def dump(model: str, config: str | dict, out: str | Path, weights: str | Path | 
         if sink:
             with Capture(tmodel, sink):
                 outputs = adapter.run_torch(tmodel, inp, case_cfg)
-            sink.close()
-            atomic_write_text(prefix.with_name(prefix.name + ".hooks_aliases.json"), json.dumps(sink.aliases, indent=0))
+            if sink.records:
+                sink.close()
+                atomic_write_text(prefix.with_name(prefix.name + ".hooks_aliases.json"),
+                                  json.dumps(sink.aliases, indent=0))
+            else:   # an adapter that runs with its hooks paused (the pipeline) stores none: no empty hooks file
+                sink.abort()
         else:
             outputs = adapter.run_torch(tmodel, inp, case_cfg)
     except BaseException:
         if sink:
             sink.abort()
         raise
+    outputs = dict(outputs)
+    for k, v in lowp.items():   # integer outputs (the uint8 video) are the quantised `bf16/video`: not repeated
+        if np.asarray(v).dtype.kind == "f":
+            outputs[LOWP_PREFIX + k] = _lowp_stored(v)
+            case_cfg[LOWP_PREFIX + k] = BF16_OUTPUT_NOTE
     with SafetensorsWriter(prefix.with_name(prefix.name + ".weights.safetensors"), meta) as w:
-        for k, v in tmodel.state_dict().items():
-            w.add(k, (v.float() if v.dtype == torch.bfloat16 else v).detach().cpu().numpy())
+        for k, v in state.items():
+            w.add(k, v)
     save_dict(prefix.with_name(prefix.name + ".inputs.safetensors"), inp, meta)
     save_dict(prefix.with_name(prefix.name + ".outputs.safetensors"), outputs, meta)
     atomic_write_text(prefix.with_name(prefix.name + ".config.json"), json.dumps(case_cfg, indent=1))

@@ -8,6 +8,11 @@ tiny MMDiT (T5 d_model = context_in_dim, CLIP hidden = vec_in_dim), so the conve
 Tokenizers are built here, offline, with `tokenizers`: a T5 unigram and a CLIP byte-level BPE over a small
 vocabulary (the real T5 folder ships `spiece.model`; sentencepiece is not a dependency, so this one ships
 `tokenizer.json`, which `AutoTokenizer` loads the same way).
+
+`build_dc_ae` writes the second repo, hpcai-tech/Open-Sora-v2-Video-DC-AE (`msconv generate --high-compression`):
+the high-compression MMDiT (patch 1) and the Video DC-AE under their real file names, sized as a pair (the MMDiT's
+in_channels = the DC-AE's latent channels x patch^2 = 32). It is a separate repo, as upstream's, so `msconv demo`
+(which serves only the first) does not build or convert it.
 """
 from __future__ import annotations
 
@@ -160,11 +165,17 @@ def build(folder, seed: int = 0) -> dict:
 
 
 def build_dc_ae(folder, seed: int = 0) -> dict:
-    """The tiny hpcai-tech/Open-Sora-v2-Video-DC-AE: the high-compression MMDiT (bf16) and the Video DC-AE."""
+    """The tiny hpcai-tech/Open-Sora-v2-Video-DC-AE: the high-compression MMDiT (bf16) and the Video DC-AE (fp32;
+    the real files' dtypes are unknown, SPEC.md §b). About 7.5 MB, 2 s."""
     import torch
 
+    if MMDIT_HC["in_channels"] != dc_ae_config()["latent_channels"] * MMDIT_HC["patch_size"] ** 2:
+        raise ValueError("synthetic repo: the hc MMDiT's in_channels must be the DC-AE's latent channels x patch^2")
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
+    (root / ".gitattributes").write_text("*.safetensors filter=lfs diff=lfs merge=lfs -text\n")
+    (root / "README.md").write_text("# Open-Sora v2 Video DC-AE (tiny synthetic copy for msconv tests; not the real "
+                                    "weights)\n")
     _save_st(root / "Open_Sora_v2_Video_DC_AE.safetensors", _adapter_state("mmdit", MMDIT_HC, seed), torch.bfloat16)
     _save_st(root / "F32T4C128_AE.safetensors", _adapter_state("dc_ae", dc_ae_config(), seed + 1), torch.float32)
     return {"repo_id": DC_AE_REPO_ID}
@@ -192,7 +203,8 @@ def write_model_configs(folder) -> dict:
     return paths
 
 
-if __name__ == "__main__":  # python -m parity.synthetic_repo DIR
+if __name__ == "__main__":  # python -m parity.synthetic_repo DIR [--dc-ae]  (--dc-ae: the Video-DC-AE repo)
     import sys
 
-    print(json.dumps(build(sys.argv[1]), indent=1))
+    args = [a for a in sys.argv[1:] if a != "--dc-ae"]
+    print(json.dumps((build_dc_ae if "--dc-ae" in sys.argv[1:] else build)(args[0]), indent=1))

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from converter.safetensors_io import SafetensorsFile, build_header, read_storage
-from converter.tensor import DTYPES, decode, np_to_st
+from converter.tensor import DTYPES, RawTensor, decode, np_to_st
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -64,11 +64,14 @@ class SafetensorsWriter:
             raise ValueError(f"{self.path}: writer already closed")
         if name in self._names:
             raise ValueError(f"duplicate tensor name {name!r} in {self.path}")
-        arr = np.ascontiguousarray(array)
-        try:
-            dt = np_to_st(arr)
-        except TypeError as e:
-            raise TypeError(f"{name}: {e}") from None
+        if isinstance(array, RawTensor):   # values numpy has no type for (a dump's bf16 outputs): stored as they are
+            arr, dt = np.ascontiguousarray(array.storage()), array.dtype
+        else:
+            arr = np.ascontiguousarray(array)
+            try:
+                dt = np_to_st(arr)
+            except TypeError as e:
+                raise TypeError(f"{name}: {e}") from None
         if arr.dtype.byteorder == ">":
             arr = arr.astype(arr.dtype.newbyteorder("<"))
         if arr.nbytes:
@@ -156,7 +159,7 @@ class SafetensorsReader:
 def save_dict(path: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> Path:
     with SafetensorsWriter(path, metadata) as w:
         for k, v in tensors.items():
-            w.add(k, np.asarray(v))
+            w.add(k, v if isinstance(v, RawTensor) else np.asarray(v))
     return Path(path)
 
 
