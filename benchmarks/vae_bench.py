@@ -61,13 +61,16 @@ TINY_LATENT = {"hunyuan": (1, None, 2, 4, 4), "dc_ae": (1, None, 1, 2, 2), "flux
 ADAPTER = {"hunyuan": "hunyuan_vae", "dc_ae": "dc_ae", "flux_ae": "flux_ae"}
 
 
-def model_config(model: str, preset: str) -> dict:
+def adapter(model: str):
     import importlib
 
+    return importlib.import_module(f"parity.adapters.{ADAPTER[model]}")
+
+
+def model_config(model: str, preset: str) -> dict:
     if model == "hunyuan" and preset == "real":
         return dict(HUNYUAN_REAL)
-    A = importlib.import_module(f"parity.adapters.{ADAPTER[model]}")
-    return json.loads(json.dumps(A.PRESETS[preset]))
+    return json.loads(json.dumps(adapter(model).PRESETS[preset]))
 
 
 def rel(a, b):
@@ -126,14 +129,11 @@ def _state_file(args) -> Path:
 
 
 def worker_torch(args) -> dict:
-    import importlib
-
     import torch
 
     torch.set_num_threads(args.threads)
-    A = importlib.import_module(f"parity.adapters.{ADAPTER[args.model]}")
     cfg = model_config(args.model, args.preset)
-    model = A.build_torch(cfg, dtype=torch.float32, seed=0)   # the cases' seeded recipe: the same in every worker
+    model = adapter(args.model).build_torch(cfg, dtype=torch.float32, seed=0)   # the cases' seeded recipe: the same in every worker
     f = _state_file(args)
     if not f.exists():   # ... and, converted, MindSpore's
         from parity.adapters.base import torch_state_numpy
@@ -160,21 +160,15 @@ def worker_ms(args) -> dict:
 
     ms.device_context.cpu.op_tuning.threads_num(args.threads)
     from opensora_ms.loading import load_strict
+    from opensora_ms.ops.conv import apply_conv_settings
     from parity.adapters.base import convert_state
 
     cfg = model_config(args.model, args.preset)
     settings = conv_settings(args)
-    if args.model == "hunyuan":
-        from opensora_ms.models import hunyuan_vae as M
-
-        net = M.build(cfg, jit=args.jit, conv_settings=settings)
-    else:
-        M = importlib.import_module(f"opensora_ms.models.{args.model}")
-        net = M.build(cfg)
-        from opensora_ms.ops.conv import apply_conv_settings
-
-        apply_conv_settings(net, settings)
-    mapping = importlib.import_module(f"parity.adapters.{ADAPTER[args.model]}").mapping_name(cfg)
+    M = importlib.import_module(f"opensora_ms.models.{ADAPTER[args.model]}")
+    net = M.build(cfg, jit=args.jit) if args.model == "hunyuan" else M.build(cfg)
+    apply_conv_settings(net, settings)
+    mapping = adapter(args.model).mapping_name(cfg)
     with np.load(_state_file(args), allow_pickle=False) as st:
         load_strict(net, convert_state(mapping, {k: st[k] for k in st.files}))
     z = ms.Tensor(latent(args))

@@ -51,6 +51,23 @@ def run_msconv(*args, env=None, input=None, timeout=300):
                           cwd=ROOT, env=e, capture_output=True, text=True, input=input, timeout=timeout)
 
 
+def write_embeddings(path, rows: int = 3, L: int = 7, seed: int = 0, t2i: bool = False):
+    """A `--text-embeddings` file for the synthetic repo's tiny MMDiT (`t2i`: also the t2i2v image step's)."""
+    from safetensors.numpy import save_file
+
+    from parity import synthetic_repo
+
+    rng = np.random.default_rng(seed)
+    m = synthetic_repo.MMDIT
+    emb = {"txt": rng.standard_normal((rows, L, m["context_in_dim"]), dtype=np.float32),
+           "y_vec": rng.standard_normal((rows, m["vec_in_dim"]), dtype=np.float32)}
+    if t2i:
+        emb.update({"t2i/txt": rng.standard_normal((1, L, m["context_in_dim"]), dtype=np.float32),
+                    "t2i/y_vec": rng.standard_normal((1, m["vec_in_dim"]), dtype=np.float32)})
+    save_file(emb, str(path))
+    return path
+
+
 def torch_like_state(d=8, blocks=2, seed=0) -> dict:
     """A small torch-layout state dict (blocks of q/k/v/proj + a head) for converter and loader tests."""
     rng = np.random.default_rng(seed)

@@ -13,8 +13,8 @@ import json
 
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
+from conftest import write_embeddings
 from opensora_ms.pipeline import media, plan
 from parity import synthetic_repo
 
@@ -89,14 +89,6 @@ def _torch_texts(repo, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         with torch.no_grad():
             out.append(getattr(model(input_ids=ids, attention_mask=None), key).float().numpy())
     return out[0], out[1]
-
-
-def _embeddings(path, rows: int = 3, L: int = 7, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    m = synthetic_repo.MMDIT
-    save_file({"txt": rng.standard_normal((rows, L, m["context_in_dim"]), dtype=np.float32),
-               "y_vec": rng.standard_normal((rows, m["vec_in_dim"]), dtype=np.float32)}, str(path))
-    return path
 
 
 def _assert_equal_to_reference(got: np.ndarray, want: dict) -> None:
@@ -191,7 +183,7 @@ def test_v2v_head_from_a_video_equals_the_torch_reference(tiny, cli, written, tm
     """--ref VIDEO: v2v_head conditions the first 8 + 1 latent frames on the clip's first 33 frames."""
     clip = _ref_clip(tmp_path / "ref.mp4")
     written.clear()                                                      # (the spy saw the reference clip)
-    emb = _embeddings(tmp_path / "emb.safetensors")
+    emb = write_embeddings(tmp_path / "emb.safetensors")
     out = tmp_path / "v2v.mp4"
     r = _ms_run(cli, "a fox", "--weights", tiny["weights"], "--resolution", "64px", "--num-frames", "33",
                 "--steps", "2", "--seed", "3", "--cond-type", "v2v_head", "--ref", clip, "--text-embeddings", emb,
@@ -213,7 +205,7 @@ def test_i2v_loop_head_and_tail_equal_the_torch_reference(tiny, cli, written, tm
     rng = np.random.default_rng(4)
     head = media.write_png(tmp_path / "head.png", (rng.random((60, 90, 3)) * 255).astype(np.uint8))
     tail = media.write_png(tmp_path / "tail.png", (rng.random((50, 100, 3)) * 255).astype(np.uint8))
-    emb = _embeddings(tmp_path / "emb.safetensors", seed=2)
+    emb = write_embeddings(tmp_path / "emb.safetensors", seed=2)
     out = tmp_path / "loop.mp4"
     r = _ms_run(cli, "a fox", "--weights", tiny["weights"], "--resolution", "64px", "--num-frames", "9",
                 "--steps", "3", "--seed", "9", "--cond-type", "i2v_loop", "--ref", f"{head};{tail}",

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from conftest import write_embeddings
 from opensora_ms.pipeline import media, plan
 
 TESTS = Path(__file__).resolve().parent
@@ -37,16 +38,6 @@ def tiny(tmp_path_factory):
     hub.run(hub.Options(repo=str(repo), out=root / "weights", with_t2i=True, model_configs=cfgs),
             hub.Reporter(quiet=True))
     return repo, root / "weights"
-
-
-def _embeddings(path: Path, rows: int = 3, L: int = 7, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    m = synthetic_repo.MMDIT
-    save_file({"txt": rng.standard_normal((rows, L, m["context_in_dim"]), dtype=np.float32),
-               "y_vec": rng.standard_normal((rows, m["vec_in_dim"]), dtype=np.float32),
-               "t2i/txt": rng.standard_normal((1, L, m["context_in_dim"]), dtype=np.float32),
-               "t2i/y_vec": rng.standard_normal((1, m["vec_in_dim"]), dtype=np.float32)}, str(path))
-    return path
 
 
 def test_cli_t2i2v_writes_a_playable_mp4(tiny, cli, tmp_path):
@@ -79,7 +70,7 @@ def test_generate_equals_the_torch_reference(tiny, tmp_path):
     repo, weights = tiny
     rng = np.random.default_rng(1)
     ref_png = media.write_png(tmp_path / "ref.png", (rng.random((60, 90, 3)) * 255).astype(np.uint8))
-    emb = _embeddings(tmp_path / "emb.safetensors")
+    emb = write_embeddings(tmp_path / "emb.safetensors", t2i=True)
     req = api.Request(prompt="a fox", weights=str(weights), resolution="64px", num_frames=9, steps=3, seed=5,
                       ref=str(ref_png), text_embeddings=str(emb), out=str(tmp_path / "i2v.mp4"), offload=True)
     info = api.make_plan(req)
@@ -117,7 +108,7 @@ def test_one_frame_writes_png(tiny, tmp_path):
     from opensora_ms.pipeline import api
 
     _, weights = tiny
-    emb = _embeddings(tmp_path / "emb.safetensors")
+    emb = write_embeddings(tmp_path / "emb.safetensors", t2i=True)
     res = api.generate(prompt="a cat", weights=str(weights), resolution="64px", num_frames=1, steps=1, jit=False,
                        text_embeddings=str(emb), out=str(tmp_path / "cat.mp4"))
     assert res.path == tmp_path / "cat.png" and not (tmp_path / "cat.mp4").exists()

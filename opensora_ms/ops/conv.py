@@ -480,7 +480,6 @@ def _graph_args(weight, bias, use_jit):
 
 
 def _conv3d_cpu(x, weight, bias, stride, pads, mode, up, budget, use_jit):
-    weight, bias = _graph_args(weight, bias, use_jit)
     kt, kh, kw = weight.shape[2], weight.shape[3], weight.shape[4]
     fused = stride == (1, 1, 1) and kt * kh * kw > 1
     if fused and all(p < kk for p, kk in zip(pads, (kw, kw, kh, kh, kt, kt))):
@@ -606,6 +605,7 @@ def conv3d(x, weight, bias=None, stride=1, padding=0, pad=None, pad_mode="consta
     co, ci, kt, kh, kw = weight.shape
     n = x.shape[0] * x.shape[2] * x.shape[3] * x.shape[4] * up[0] * up[1] * up[2]  # ~ output positions
     use = settings.use_jit(2.0 * co * ci * kt * kh * kw * n)
+    weight, bias = _graph_args(weight, bias, use)
     return _conv3d_cpu(x, weight, bias, stride, pads, pad_mode, up, settings.budget_bytes, use)
 
 
