@@ -101,8 +101,7 @@ def probe_release():
 def probe_flux(jit: str):
     import mindspore as ms
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import vae_bench as vb
+    import vae_bench as vb  # noqa: E402  (benchmarks/, the script's own folder)
     import opensora_ms.models.flux_ae as F
     from opensora_ms.ops.conv import ConvSettings, apply_conv_settings
 
@@ -147,7 +146,7 @@ def main(argv=None):
         lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
         if r.returncode or not lines:
             raise SystemExit(f"probe {p} failed (rc {r.returncode}):\n{r.stderr[-2000:]}")
-        res[p] = json.loads(lines[-1][7:])
+        res[p] = json.loads(lines[-1][len("RESULT "):])
         print(f"{p}: {json.dumps(res[p])}", flush=True)
     return res
 

@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from _worker import serve_worker  # noqa: E402  (benchmarks/, the script's own folder)
+from _worker import load_torch_state, serve_worker, write_torch_state  # noqa: E402  (benchmarks/)
 
 SIZES = {
     "tiny": {"mmdit": "tiny", "latent": (16, 3, 4, 6), "n_txt": 7},
@@ -68,6 +68,10 @@ def _setup(size: str, steps: int):
     return cfg, z, masks, masked, txt, vec, ts, opt
 
 
+def _state_file(args) -> Path:
+    return Path(args.out).with_name(f"state_{args.size}.npz")
+
+
 def _stamps():
     marks = [time.perf_counter()]
     return marks, lambda i: marks.append(time.perf_counter())
@@ -83,11 +87,7 @@ def worker_torch(args) -> dict:
 
     cfg, z, masks, masked, txt, vec, ts, opt = _setup(args.size, args.warmup + args.runs)
     model = adapter.build_torch(cfg, seed=0)
-    state = Path(args.out).with_name(f"state_{args.size}.npz")
-    if not state.exists():   # the seeded weights, for the MindSpore worker (which never imports torch)
-        from parity.adapters.base import torch_state_numpy
-
-        np.savez(state, **torch_state_numpy(model))
+    write_torch_state(_state_file(args), model)   # for the MindSpore worker (which never imports torch)
     C, T, H, W = z.shape[1:]
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
     marks, tick = _stamps()
@@ -104,15 +104,12 @@ def worker_ms(args) -> dict:
 
     ms.device_context.cpu.op_tuning.threads_num(args.threads)
     ms.set_device("CPU")
-    from opensora_ms.loading import load_strict
     from opensora_ms.pipeline import plan
     from opensora_ms.pipeline import sampling as S
-    from parity.adapters import base, mmdit as adapter
+    from parity.adapters import mmdit as adapter
 
     cfg, z, masks, masked, txt, vec, ts, opt = _setup(args.size, args.warmup + args.runs)
-    net = adapter.build_ms(cfg)
-    with np.load(Path(args.out).with_name(f"state_{args.size}.npz"), allow_pickle=False) as st:
-        load_strict(net, base.convert_state(adapter.mapping_name(cfg), {k: st[k] for k in st.files}))
+    net = load_torch_state(adapter.build_ms(cfg), _state_file(args), adapter.mapping_name(cfg))
     C, T, H, W = z.shape[1:]
     cond = plan.pack(np.concatenate([masks, masked], 1), 2)
     marks, tick = _stamps()

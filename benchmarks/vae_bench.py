@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from _worker import serve_worker  # noqa: E402  (benchmarks/, the script's own folder)
+from _worker import load_torch_state, serve_worker, write_torch_state  # noqa: E402  (benchmarks/)
 
 HUNYUAN_REAL = {"in_channels": 3, "out_channels": 3, "latent_channels": 16, "layers_per_block": 2,
                 "block_out_channels": [128, 256, 512, 512], "norm_num_groups": 32}
@@ -134,11 +134,7 @@ def worker_torch(args) -> dict:
     torch.set_num_threads(args.threads)
     cfg = model_config(args.model, args.preset)
     model = adapter(args.model).build_torch(cfg, dtype=torch.float32, seed=0)   # the cases' seeded recipe: the same in every worker
-    f = _state_file(args)
-    if not f.exists():   # ... and, converted, MindSpore's
-        from parity.adapters.base import torch_state_numpy
-
-        np.savez(f, **torch_state_numpy(model))
+    write_torch_state(_state_file(args), model)   # ... and, converted, MindSpore's
     z = torch.from_numpy(latent(args))
 
     def run():
@@ -159,9 +155,7 @@ def worker_ms(args) -> dict:
     import mindspore as ms
 
     ms.device_context.cpu.op_tuning.threads_num(args.threads)
-    from opensora_ms.loading import load_strict
     from opensora_ms.ops.conv import apply_conv_settings
-    from parity.adapters.base import convert_state
 
     cfg = model_config(args.model, args.preset)
     settings = conv_settings(args)
@@ -169,8 +163,7 @@ def worker_ms(args) -> dict:
     net = M.build(cfg, jit=args.jit) if args.model == "hunyuan" else M.build(cfg)
     apply_conv_settings(net, settings)
     mapping = adapter(args.model).mapping_name(cfg)
-    with np.load(_state_file(args), allow_pickle=False) as st:
-        load_strict(net, convert_state(mapping, {k: st[k] for k in st.files}))
+    load_torch_state(net, _state_file(args), mapping)
     z = ms.Tensor(latent(args))
     out, res = _measure(lambda: net.decode(z).asnumpy(), args)
     res.update({"version": ms.__version__, "conv_budget_mb": settings.budget_bytes >> 20, "conv_jit": settings.jit,
